@@ -1,0 +1,31 @@
+# Two jobs, each doing its own setup on a fresh machine:
+#   make quickstart   the main job
+#   make test         the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: quickstart test bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch alone and first, pinned: anything unpinned would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(PY) -m train.smoke
+
+# pytest exits 5 when it collected nothing: that fails too (a suite that ran nothing proves nothing).
+test: $(STAMP)
+	@$(PY) -m pytest -q tests; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	exit $$status
+
+bench: $(STAMP)
+	$(PY) -m train.bench_models
+
+clean-venv:
+	rm -rf $(VENV)

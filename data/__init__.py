@@ -1,0 +1,1 @@
+"""Text -> token rows (streaming corpora, tokenizers, packing, mixtures). Knows nothing of models or training."""

@@ -1,0 +1,128 @@
+"""What every causal LM here shares: construction, the LM head and loss, tied embeddings, and
+Hugging Face checkpoint I/O. Architectures subclass `CausalLM` and supply the decoder stack."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_weights_into, read_config_json, read_weights, resolve_model_dir, save_model_dir
+from .configuration import ModelConfig
+from .layers import CausalLMOutput, RotaryEmbedding, causal_lm_loss, init_normal
+
+logger = logging.getLogger(__name__)
+
+
+class CausalLM(nn.Module):
+    """`self.model` (the decoder: embed_tokens … norm) returns hidden states and an optional aux loss;
+    `self.lm_head` turns them into logits. Key names follow transformers (`model.*`, `lm_head.*`)."""
+
+    config_class: type[ModelConfig] = ModelConfig
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    # ------------------------------------------------------------------ subclass hooks
+    @property
+    def aux_loss_coef(self) -> float:
+        return 0.0
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """transformers' init for this architecture. Subclasses add their own extras after this."""
+        init_normal(self, self.config.initializer_range or 0.02)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """input_ids (B, S); labels (B, S) unshifted, -100 = ignore; attention_mask (B, S) 1 = real token;
+        position_ids (B or 1, S), default 0..S-1. `loss` includes `aux_loss_coef * aux_loss` when the
+        model has one."""
+        hidden, aux_loss = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch)
+            if aux_loss is not None and self.aux_loss_coef:
+                loss = loss + self.aux_loss_coef * aux_loss.to(loss.device)
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
+
+    # ------------------------------------------------------------------ tied embeddings
+    def tied_weight_keys(self) -> set[str]:
+        return {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def _empty(cls, config: ModelConfig, device=None, dtype=None) -> "CausalLM":
+        # Build on the meta device, then allocate once on the target device in the target dtype:
+        # no throw-away default init, so a 3B model costs one allocation, not two.
+        with torch.device("meta"):
+            model = cls(config)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        model.to_empty(device=device or "cpu")
+        model.tie_weights()  # to_empty gives each module its own tensor; re-share the tied pair
+        return model
+
+    @classmethod
+    def build(cls, config: ModelConfig, device=None, dtype=None) -> "CausalLM":
+        model = cls._empty(config, device, dtype)
+        model.init_weights()
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, device=None, dtype=torch.float32, **overrides
+    ) -> "CausalLM":
+        """Load a Hugging Face model directory (ours, transformers', or a hub id). `overrides` set
+        run-time config fields such as `attn_implementation`. `dtype=None` keeps the stored dtype."""
+        directory = resolve_model_dir(name_or_path)
+        values = read_config_json(directory)
+        if values.get("model_type") != cls.config_class.model_type:
+            raise_wrong_type(directory, values.get("model_type"), [cls.config_class.model_type])
+        config = cls.config_class.from_hf_dict({**values, **overrides})
+        state = read_weights(directory)
+        if dtype is None:
+            floats = [t.dtype for t in state.values() if t.is_floating_point()]
+            dtype = floats[0] if floats else torch.float32
+        model = cls._empty(config, device, dtype)
+        load_weights_into(model, state, directory)
+        for module in model.modules():  # non-persistent buffers (rotary tables) are not in the file
+            if isinstance(module, RotaryEmbedding):
+                module.reset_parameters()
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> Path:
+        return save_model_dir(self, self.config, directory, max_shard_bytes)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (exclude_embeddings and "embed" in name):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+
+def raise_wrong_type(directory: Path, model_type, supported) -> None:
+    from .checkpoint import CheckpointError
+
+    raise CheckpointError(
+        f"{directory / 'config.json'}: model_type {model_type!r} is not supported here; supported: {sorted(supported)}"
+    )

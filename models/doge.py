@@ -1,0 +1,400 @@
+"""Doge: Dynamic Mask Attention (DMA) and Cross Domain Mixture of Experts (CDMoE).
+
+Per decoder layer, with learnable per-channel scales on the residual stream:
+    x = input_residual ⊙ x + DMA(RMSNorm(x))
+    x = post_attention_residual ⊙ x + MLP_or_CDMoE(RMSNorm(x))
+
+DMA is grouped-query attention with q/k RMSNorm and RoPE, plus a learned bias on every key computed
+from that key's value vector, bias_j = exp(A · softplus(dt_proj(v_j))). When there are more keys than
+`keep_window_size`, each query keeps only the W visible keys with the largest bias.
+
+CDMoE is the dense SwiGLU MLP (the shared expert) plus many rank-1 experts: expert e reads
+<down_embed[e], h> and writes along up_embed[e]. Experts are found by product-key retrieval: the router
+scores K sub-keys twice (K = √E), and expert a·K + b scores s_x[a] + s_y[b].
+
+Matches transformers 5.23's DogeForCausalLM (config.json, key names, logits), with two deliberate
+improvements, both documented in ../shared/spec/models.md §1.5:
+  * `router_layout="per_token"` (our default) splits each token's own router logits into its two
+    halves. transformers reshapes the whole batch's logits with `view(2, N, K)`, so token i is routed with
+    other tokens' logits (future tokens, other batch rows): not causal. `router_layout="transformers"`
+    reproduces that, for checkpoints trained with it (config.json files without the field).
+  * The top-k over the K² sums only needs the top-k of each half, so we search k×k candidates, not K².
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import CausalLM
+from .configuration import ConfigError, ModelConfig
+from .layers import (
+    ACTIVATIONS,
+    ATTENTION_BACKENDS,
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    VisibilityMask,
+    activation,
+    apply_rope_half,
+    attention,
+    validate_rope_parameters,
+)
+
+ROUTER_LAYOUTS = ("per_token", "transformers")
+
+
+@dataclass
+class DogeConfig(ModelConfig):
+    model_type = "doge"
+    architecture = "DogeForCausalLM"
+    runtime_fields = ("attn_implementation",)
+
+    # transformers' DogeConfig fields and defaults (5.23)
+    vocab_size: int = 32768
+    hidden_size: int = 1024
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 32
+    hidden_dropout: float = 0.0
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    num_attention_heads: int = 8
+    num_key_value_heads: Optional[int] = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    sliding_window: Optional[int] = None
+    keep_window_size: int = 2048
+    is_moe: bool = False
+    num_experts: int = 16384
+    num_experts_per_tok: int = 64
+    norm_topk_prob: bool = False
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Any = None
+    # Not a declared transformers field, but honoured by it when present in config.json.
+    head_dim: Optional[int] = None
+    # Ours: see the module docstring. Written to config.json (transformers ignores it).
+    router_layout: str = "per_token"
+    # Run-time only (not written): attention kernel.
+    attn_implementation: str = "sdpa"
+
+    @classmethod
+    def hf_defaults_for_missing(cls, values: dict) -> dict:
+        # A config.json without the field was trained with transformers' routing.
+        return {} if "router_layout" in values else {"router_layout": "transformers"}
+
+    def validate(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        self.rope_parameters = dict(self.rope_parameters)
+        self.rope_parameters.setdefault("rope_type", "default")
+        self.rope_parameters.setdefault("rope_theta", 10000.0)
+        try:
+            validate_rope_parameters(self.rope_parameters)
+        except ValueError as exc:
+            raise ConfigError(f"doge config: {exc}") from None
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"doge config: hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}; change one of them or set head_dim"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"doge config: num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"doge config: hidden_act={self.hidden_act!r}; choose one of {sorted(ACTIVATIONS)}")
+        if self.router_layout not in ROUTER_LAYOUTS:
+            raise ConfigError(f"doge config: router_layout={self.router_layout!r}; choose one of {ROUTER_LAYOUTS}")
+        if self.attn_implementation not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"doge config: attn_implementation={self.attn_implementation!r}; choose one of {ATTENTION_BACKENDS}"
+            )
+        if self.keep_window_size < 1:
+            raise ConfigError(f"doge config: keep_window_size={self.keep_window_size} must be >= 1")
+        if self.is_moe:
+            keys = math.isqrt(self.num_experts)
+            if keys * keys != self.num_experts:
+                raise ConfigError(
+                    f"doge config: num_experts={self.num_experts} must be a perfect square for product-key "
+                    f"routing (e.g. {keys * keys} or {(keys + 1) ** 2})"
+                )
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(
+                    f"doge config: num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+                    f"{self.num_experts}]"
+                )
+
+    @property
+    def head_dimension(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def to_hf_dict(self, dtype: str | None = None) -> dict:
+        out = super().to_hf_dict(dtype)
+        if out["head_dim"] is None:
+            del out["head_dim"]  # transformers reads a present head_dim even when null
+        if self.is_moe:
+            # Ask transformers to compute (and add) the router aux loss, so a loss computed there
+            # matches ours.
+            out["output_router_logits"] = True
+            if self.router_layout == "per_token":
+                warnings.warn(
+                    "exporting a Doge MoE with router_layout='per_token': transformers routes with its own "
+                    "view(2, N, K) layout and will compute different logits from these weights",
+                    stacklevel=3,
+                )
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dynamic Mask Attention
+
+
+class DynamicMaskAttention(nn.Module):
+    def __init__(self, config: DogeConfig):
+        super().__init__()
+        H, Hkv, hd, D = config.num_attention_heads, config.num_key_value_heads, config.head_dimension, config.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, hd
+        self.scale = hd**-0.5
+        self.keep_window_size = config.keep_window_size
+        self.attention_dropout = config.attention_dropout
+        self.backend = config.attn_implementation
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(D, H * hd, bias=bias)
+        self.k_proj = nn.Linear(D, Hkv * hd, bias=bias)
+        self.v_proj = nn.Linear(D, Hkv * hd, bias=bias)
+        self.A = nn.Parameter(torch.zeros(Hkv))
+        self.dt_proj = nn.Linear(Hkv * hd, Hkv, bias=bias)
+        self.o_proj = nn.Linear(H * hd, D, bias=bias)
+        self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: VisibilityMask) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, L, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, L, -1, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
+
+        # The dynamic mask: one bias per key and kv head, from that key's values (all kv heads of the
+        # token, concatenated head-major). At init A = 0, so the bias is a constant 1.
+        dt = self.dt_proj(v.transpose(1, 2).reshape(B, v.shape[2], -1))  # (B, S, Hkv)
+        key_bias = torch.exp(self.A * F.softplus(dt)).transpose(1, 2)  # (B, Hkv, S)
+        key_keep = self.keep_top_window(key_bias, mask, L)
+
+        out = attention(
+            q, k, v, mask=mask, scale=self.scale, key_bias=key_bias, key_keep=key_keep,
+            dropout_p=self.attention_dropout if self.training else 0.0, backend=self.backend,
+        )
+        return self.o_proj(out.reshape(B, L, -1))
+
+    def keep_top_window(self, key_bias: torch.Tensor, mask: VisibilityMask, q_len: int) -> torch.Tensor | None:
+        """With more than W keys, each query keeps the W visible keys with the largest bias.
+        Returns (B, Hkv, L, S) bool, or None when every key fits in the window (no sparsity)."""
+        S = key_bias.shape[-1]
+        if S <= self.keep_window_size:
+            return None
+        visible = mask.dense(q_len, S, key_bias.device)  # (B|1, 1, L, S)
+        candidates = torch.where(visible, key_bias[:, :, None, :], torch.finfo(key_bias.dtype).min)
+        top = torch.topk(candidates, self.keep_window_size, dim=-1, largest=True, sorted=False).indices
+        return torch.zeros_like(candidates, dtype=torch.bool).scatter(-1, top, True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cross Domain Mixture of Experts
+
+
+def product_key_topk(scores_x: torch.Tensor, scores_y: torch.Tensor, k: int):
+    """Top-k of s_x[a] + s_y[b] over all K² pairs, returning (scores, expert ids a·K + b), sorted.
+
+    A pair outside the top-k of either half is beaten by k pairs that swap in a better index on that
+    side, so only the top-min(k, K) of each half can win: k×k candidates instead of K². Same experts
+    as the full enumeration (up to ties)."""
+    num_keys = scores_x.shape[-1]
+    kk = min(k, num_keys)
+    top_x, idx_x = scores_x.topk(kk, dim=-1)
+    top_y, idx_y = scores_y.topk(kk, dim=-1)
+    candidates = (top_x.unsqueeze(-1) + top_y.unsqueeze(-2)).flatten(-2)  # (N, kk*kk)
+    experts = (idx_x.unsqueeze(-1) * num_keys + idx_y.unsqueeze(-2)).flatten(-2)
+    scores, position = candidates.topk(k, dim=-1)
+    return scores, experts.gather(-1, position)
+
+
+@dataclass
+class RouterStats:
+    """What one CDMoE layer contributes to the load-balancing loss (summed over layers)."""
+
+    expert_counts: torch.Tensor  # (E,) how many (token, slot) picks each expert got, padding excluded
+    expert_prob_sum: torch.Tensor  # (E,) Σ over tokens of the router probability of each expert
+    num_tokens: torch.Tensor  # () tokens counted (non-padding)
+
+
+class CrossDomainMoE(GatedMLP):
+    """The dense MLP's weights are the shared expert (same key names), so a dense checkpoint's MLP
+    carries over unchanged when a model is upcycled."""
+
+    def __init__(self, config: DogeConfig):
+        super().__init__(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.num_experts = config.num_experts
+        self.num_keys = math.isqrt(config.num_experts)
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.router_layout = config.router_layout
+        self.expert_act = activation(config.hidden_act)
+        self.router_gate = nn.Linear(config.hidden_size, 2 * self.num_keys, bias=False)
+        self.down_embed = nn.Embedding(config.num_experts, config.hidden_size)
+        self.up_embed = nn.Embedding(config.num_experts, config.hidden_size)
+
+    def router_scores(self, h: torch.Tensor):
+        """Sub-key scores (s_x, s_y), each (N, K), for h of shape (N, D)."""
+        logits = self.router_gate(h)  # (N, 2K)
+        if self.router_layout == "per_token":
+            return logits[:, : self.num_keys], logits[:, self.num_keys :]
+        # transformers: view(2, N, K) of the row-major (N, 2K) block (mixes tokens; see module docstring)
+        mixed = logits.reshape(2, h.shape[0], self.num_keys)
+        return mixed[0], mixed[1]
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
+        B, S, D = x.shape
+        h = x.reshape(B * S, D)
+        scores_x, scores_y = self.router_scores(h)
+        scores, experts = product_key_topk(scores_x, scores_y, self.top_k)
+        weights = torch.softmax(scores, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+
+        # Rank-1 experts: gate_e = act(<down_embed[e], h>) * w_e, output Σ_e gate_e · up_embed[e].
+        # embedding_bag sums the up-embeddings without materialising an (N, k, D) tensor.
+        gates = self.expert_act(torch.einsum("nkd,nd->nk", self.down_embed(experts), h)) * weights
+        routed = F.embedding_bag(
+            experts, self.up_embed.weight, per_sample_weights=gates.to(self.up_embed.weight.dtype), mode="sum"
+        )
+        out = super().forward(x) + routed.view(B, S, D).to(x.dtype)
+        return out, self.router_stats(scores_x, scores_y, experts, token_mask)
+
+    def router_stats(self, scores_x, scores_y, experts, token_mask) -> RouterStats:
+        # The softmax over all K² sums s_x[a] + s_y[b] factorises: P(a·K+b) = softmax(s_x)[a]·softmax(s_y)[b],
+        # so summing it over tokens is a (K, N) @ (N, K) product instead of an (N, K²) tensor.
+        px = torch.softmax(scores_x.float(), dim=-1)
+        py = torch.softmax(scores_y.float(), dim=-1)
+        m = None if token_mask is None else token_mask.reshape(-1).to(px.dtype)
+        if m is not None:
+            px = px * m[:, None]
+        prob_sum = (px.transpose(0, 1) @ py).reshape(-1)
+        picks = experts if m is None else experts[m.bool()]
+        counts = torch.zeros(self.num_experts, dtype=torch.float32, device=experts.device)
+        counts.index_add_(0, picks.reshape(-1), torch.ones(picks.numel(), dtype=torch.float32, device=experts.device))
+        num_tokens = m.sum() if m is not None else torch.tensor(float(experts.shape[0]), device=experts.device)
+        return RouterStats(counts, prob_sum, num_tokens)
+
+
+def load_balancing_loss(stats: list[RouterStats], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch-style aux loss over all layers, as transformers 5.23 computes it for Doge:
+    E · Σ_e f_e · p_e, with f_e the share of (layer, token, slot) picks that went to e and p_e the mean
+    router probability of e over (layer, token)."""
+    counts = torch.stack([s.expert_counts for s in stats]).sum(0)
+    probs = torch.stack([s.expert_prob_sum for s in stats]).sum(0)
+    tokens = torch.stack([s.num_tokens for s in stats]).sum()
+    return num_experts * torch.sum((counts / (tokens * top_k)) * (probs / tokens))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoder
+
+
+class DogeDecoderLayer(nn.Module):
+    def __init__(self, config: DogeConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.hidden_dropout = config.hidden_dropout
+        self.input_layernorm = RMSNorm(D, eps=config.rms_norm_eps)
+        self.self_attn = DynamicMaskAttention(config)
+        self.input_residual = nn.Parameter(torch.ones(D))
+        self.post_attention_layernorm = RMSNorm(D, eps=config.rms_norm_eps)
+        if config.is_moe:
+            self.mlp = CrossDomainMoE(config)
+        else:
+            self.mlp = GatedMLP(D, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.post_attention_residual = nn.Parameter(torch.ones(D))
+
+    def forward(self, x, cos, sin, mask: VisibilityMask, token_mask=None):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = self.input_residual * x + F.dropout(a, self.hidden_dropout, self.training)
+        h = self.post_attention_layernorm(x)
+        stats = None
+        if isinstance(self.mlp, CrossDomainMoE):
+            y, stats = self.mlp(h, token_mask)
+        else:
+            y = self.mlp(h)
+        x = self.post_attention_residual * x + F.dropout(y, self.hidden_dropout, self.training)
+        return x, stats
+
+
+class DogeModel(nn.Module):
+    def __init__(self, config: DogeConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DogeDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.rope_parameters, config.head_dimension, config.max_position_embeddings)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        x = self.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        padding = None if attention_mask is None else attention_mask.bool()
+        if padding is not None and bool(padding.all()):
+            padding = None  # nothing to mask: lets attention take its causal fast path
+        mask = VisibilityMask(key_padding=padding, sliding_window=self.config.sliding_window)
+        stats = []
+        for layer in self.layers:
+            x, layer_stats = layer(x, cos, sin, mask, token_mask=attention_mask)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        aux = None
+        if stats:
+            aux = load_balancing_loss(stats, self.config.num_experts, self.config.num_experts_per_tok)
+        return self.norm(x), aux
+
+
+class DogeForCausalLM(CausalLM):
+    config_class = DogeConfig
+
+    def __init__(self, config: DogeConfig):
+        super().__init__(config)
+        self.model = DogeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    @property
+    def aux_loss_coef(self) -> float:
+        return self.config.router_aux_loss_coef
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        super().init_weights()
+        for layer in self.model.layers:
+            layer.self_attn.A.zero_()
+            layer.input_residual.fill_(1.0)
+            layer.post_attention_residual.fill_(1.0)
+        self.tie_weights()

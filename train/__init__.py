@@ -1,0 +1,1 @@
+"""Runs training: the entry point, loop, schedules, engines, checkpoints, metrics, upcycling."""
