@@ -16,10 +16,14 @@ from .base import CausalLM, raise_wrong_type
 from .checkpoint import CheckpointError, read_config_json, resolve_model_dir
 from .configuration import ConfigError, ModelConfig, _plain
 from .doge import DogeConfig, DogeForCausalLM
+from .glm4 import Glm4Config, Glm4ForCausalLM
+from .jetmoe import JetMoeConfig, JetMoeForCausalLM
 
 # model_type (as in config.json) -> model class. The only place an architecture is registered.
 ARCHITECTURES: dict[str, type[CausalLM]] = {
     DogeConfig.model_type: DogeForCausalLM,
+    Glm4Config.model_type: Glm4ForCausalLM,
+    JetMoeConfig.model_type: JetMoeForCausalLM,
 }
 
 
@@ -56,5 +60,6 @@ def from_pretrained(name_or_path: str | os.PathLike, device=None, dtype=torch.fl
 
 __all__ = [
     "ARCHITECTURES", "CausalLM", "CheckpointError", "ConfigError", "DogeConfig", "DogeForCausalLM",
+    "Glm4Config", "Glm4ForCausalLM", "JetMoeConfig", "JetMoeForCausalLM",
     "build", "from_pretrained", "make_config", "model_class",
 ]

@@ -12,25 +12,83 @@ from torch import nn
 
 from .checkpoint import load_weights_into, read_config_json, read_weights, resolve_model_dir, save_model_dir
 from .configuration import ModelConfig
-from .layers import CausalLMOutput, RotaryEmbedding, causal_lm_loss, init_normal
+from .layers import CausalLMOutput, RMSNorm, RotaryEmbedding, RouterStats, VisibilityMask, causal_lm_loss, init_normal
 
 logger = logging.getLogger(__name__)
 
 
+class DecoderModel(nn.Module):
+    """embed_tokens -> decoder layers -> norm, with transformers' key names (`model.*`).
+
+    Builds what every layer needs once per forward: the rotary cos/sin tables and the visibility mask.
+    Each layer is called as `layer(x, cos, sin, mask, token_mask)` and returns `(x, router_stats)`, a
+    (possibly empty) list of `RouterStats` from its routers."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        pad_token_id: int | None,
+        layers: list[nn.Module],
+        norm_eps: float,
+        rotary_emb: RotaryEmbedding,
+        sliding_window: int | None = None,
+    ):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size, pad_token_id)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(hidden_size, eps=norm_eps)
+        self.rotary_emb = rotary_emb
+        self.sliding_window = sliding_window
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> tuple[torch.Tensor, list[RouterStats]]:
+        x = self.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        padding = None if attention_mask is None else attention_mask.bool()
+        # One host sync per forward (not per layer): an all-ones mask would otherwise cost every layer
+        # the SDPA causal fast path.
+        if padding is not None and bool(padding.all()):
+            padding = None
+        mask = VisibilityMask(key_padding=padding, sliding_window=self.sliding_window)
+        stats: list[RouterStats] = []
+        for layer in self.layers:
+            x, layer_stats = layer(x, cos, sin, mask, attention_mask)
+            stats.extend(layer_stats)
+        return self.norm(x), stats
+
+
 class CausalLM(nn.Module):
-    """`self.model` (the decoder: embed_tokens … norm) returns hidden states and an optional aux loss;
-    `self.lm_head` turns them into logits. Key names follow transformers (`model.*`, `lm_head.*`)."""
+    """`self.model` (a `DecoderModel`) returns hidden states and router statistics; `self.lm_head`
+    turns hidden states into logits. Key names follow transformers (`model.*`, `lm_head.*`)."""
 
     config_class: type[ModelConfig] = ModelConfig
 
-    def __init__(self, config: ModelConfig):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layers: list[nn.Module],
+        rotary_emb: RotaryEmbedding,
+        sliding_window: int | None = None,
+    ):
         super().__init__()
         self.config = config
+        self.model = DecoderModel(
+            config.vocab_size, config.hidden_size, config.pad_token_id, layers,
+            norm_eps=config.rms_norm_eps, rotary_emb=rotary_emb, sliding_window=sliding_window,
+        )
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
 
     # ------------------------------------------------------------------ subclass hooks
     @property
     def aux_loss_coef(self) -> float:
         return 0.0
+
+    def aux_loss(self, stats: list[RouterStats]) -> torch.Tensor | None:
+        """The load-balancing loss from all routers' statistics (MoE architectures)."""
+        return None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -49,7 +107,8 @@ class CausalLM(nn.Module):
         """input_ids (B, S); labels (B, S) unshifted, -100 = ignore; attention_mask (B, S) 1 = real token;
         position_ids (B or 1, S), default 0..S-1. `loss` includes `aux_loss_coef * aux_loss` when the
         model has one."""
-        hidden, aux_loss = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        hidden, stats = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        aux_loss = self.aux_loss(stats) if stats else None
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:

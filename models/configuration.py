@@ -67,6 +67,8 @@ class ModelConfig:
     model_type: ClassVar[str] = ""
     architecture: ClassVar[str] = ""  # transformers' *ForCausalLM class name, for config.json
     runtime_fields: ClassVar[tuple[str, ...]] = ()
+    # what a config's rope_parameters lacks is filled from here (transformers' defaults)
+    rope_defaults: ClassVar[dict] = {"rope_type": "default", "rope_theta": 10000.0}
     # config.json keys transformers writes that carry no model maths
     hf_bookkeeping_keys: ClassVar[frozenset[str]] = frozenset(
         {
@@ -148,10 +150,33 @@ class ModelConfig:
                 )
             if hints[f.name] is float and isinstance(value, int):
                 setattr(self, f.name, float(value))
+        self._validate_shared()
         self.validate()
 
+    def _validate_shared(self) -> None:
+        """Checks every architecture needs: RoPE parameters, attention backend, activation."""
+        from .layers import ACTIVATIONS, ATTENTION_BACKENDS, validate_rope_parameters
+
+        if hasattr(self, "rope_parameters"):
+            self.rope_parameters = {**self.rope_defaults, **(self.rope_parameters or {})}
+            try:
+                validate_rope_parameters(self.rope_parameters)
+            except ValueError as exc:
+                raise ConfigError(f"{self.model_type} config: {exc}") from None
+        for name, choices in (
+            ("attn_implementation", ATTENTION_BACKENDS), ("hidden_act", ACTIVATIONS), ("activation_function", ACTIVATIONS)
+        ):
+            if hasattr(self, name) and getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"{self.model_type} config: {name}={getattr(self, name)!r}; choose one of {sorted(choices)}"
+                )
+
+    def require(self, condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{self.model_type} config: {message}")
+
     def validate(self) -> None:
-        """Architecture-specific checks; raise ConfigError with the fix in the message."""
+        """Architecture-specific checks; raise ConfigError (see `require`) with the fix in the message."""
 
     # ------------------------------------------------------------------ output
     def to_dict(self) -> dict:

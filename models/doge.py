@@ -23,7 +23,6 @@ improvements, both documented in ../shared/spec/models.md §1.5:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -34,18 +33,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import CausalLM
-from .configuration import ConfigError, ModelConfig
+from .configuration import ModelConfig
 from .layers import (
-    ACTIVATIONS,
-    ATTENTION_BACKENDS,
     GatedMLP,
     RMSNorm,
     RotaryEmbedding,
+    RouterStats,
     VisibilityMask,
     activation,
     apply_rope_half,
     attention,
-    validate_rope_parameters,
+    count_picks,
+    load_balancing_loss,
+    split_heads,
 )
 
 ROUTER_LAYOUTS = ("per_token", "transformers")
@@ -101,47 +101,29 @@ class DogeConfig(ModelConfig):
     def validate(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.rope_parameters is None:
-            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
-        self.rope_parameters = dict(self.rope_parameters)
-        self.rope_parameters.setdefault("rope_type", "default")
-        self.rope_parameters.setdefault("rope_theta", 10000.0)
-        try:
-            validate_rope_parameters(self.rope_parameters)
-        except ValueError as exc:
-            raise ConfigError(f"doge config: {exc}") from None
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"doge config: hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                f"{self.num_attention_heads}; change one of them or set head_dim"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"doge config: num_attention_heads={self.num_attention_heads} must be a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(f"doge config: hidden_act={self.hidden_act!r}; choose one of {sorted(ACTIVATIONS)}")
-        if self.router_layout not in ROUTER_LAYOUTS:
-            raise ConfigError(f"doge config: router_layout={self.router_layout!r}; choose one of {ROUTER_LAYOUTS}")
-        if self.attn_implementation not in ATTENTION_BACKENDS:
-            raise ConfigError(
-                f"doge config: attn_implementation={self.attn_implementation!r}; choose one of {ATTENTION_BACKENDS}"
-            )
-        if self.keep_window_size < 1:
-            raise ConfigError(f"doge config: keep_window_size={self.keep_window_size} must be >= 1")
+        self.require(
+            self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
+            f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; "
+            f"change one of them or set head_dim",
+        )
+        self.require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"num_attention_heads={self.num_attention_heads} must be a multiple of num_key_value_heads="
+            f"{self.num_key_value_heads}",
+        )
+        self.require(self.router_layout in ROUTER_LAYOUTS, f"router_layout={self.router_layout!r}; choose one of {ROUTER_LAYOUTS}")
+        self.require(self.keep_window_size >= 1, f"keep_window_size={self.keep_window_size} must be >= 1")
         if self.is_moe:
             keys = math.isqrt(self.num_experts)
-            if keys * keys != self.num_experts:
-                raise ConfigError(
-                    f"doge config: num_experts={self.num_experts} must be a perfect square for product-key "
-                    f"routing (e.g. {keys * keys} or {(keys + 1) ** 2})"
-                )
-            if not 1 <= self.num_experts_per_tok <= self.num_experts:
-                raise ConfigError(
-                    f"doge config: num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
-                    f"{self.num_experts}]"
-                )
+            self.require(
+                keys * keys == self.num_experts,
+                f"num_experts={self.num_experts} must be a perfect square for product-key routing "
+                f"(e.g. {keys * keys} or {(keys + 1) ** 2})",
+            )
+            self.require(
+                1 <= self.num_experts_per_tok <= self.num_experts,
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]",
+            )
 
     @property
     def head_dimension(self) -> int:
@@ -189,9 +171,10 @@ class DynamicMaskAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: VisibilityMask) -> torch.Tensor:
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, L, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, L, -1, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
+        # q/k RMSNorm per head (over head_dim), before RoPE
+        q = self.q_norm(split_heads(self.q_proj(x), self.head_dim))
+        k = self.k_norm(split_heads(self.k_proj(x), self.head_dim))
+        v = split_heads(self.v_proj(x), self.head_dim)
         q, k = apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
 
         # The dynamic mask: one bias per key and kv head, from that key's values (all kv heads of the
@@ -236,15 +219,6 @@ def product_key_topk(scores_x: torch.Tensor, scores_y: torch.Tensor, k: int):
     experts = (idx_x.unsqueeze(-1) * num_keys + idx_y.unsqueeze(-2)).flatten(-2)
     scores, position = candidates.topk(k, dim=-1)
     return scores, experts.gather(-1, position)
-
-
-@dataclass
-class RouterStats:
-    """What one CDMoE layer contributes to the load-balancing loss (summed over layers)."""
-
-    expert_counts: torch.Tensor  # (E,) how many (token, slot) picks each expert got, padding excluded
-    expert_prob_sum: torch.Tensor  # (E,) Σ over tokens of the router probability of each expert
-    num_tokens: torch.Tensor  # () tokens counted (non-padding)
 
 
 class CrossDomainMoE(GatedMLP):
@@ -295,25 +269,10 @@ class CrossDomainMoE(GatedMLP):
         # so summing it over tokens is a (K, N) @ (N, K) product instead of an (N, K²) tensor.
         px = torch.softmax(scores_x.float(), dim=-1)
         py = torch.softmax(scores_y.float(), dim=-1)
-        m = None if token_mask is None else token_mask.reshape(-1).to(px.dtype)
-        if m is not None:
-            px = px * m[:, None]
-        prob_sum = (px.transpose(0, 1) @ py).reshape(-1)
-        picks = experts if m is None else experts[m.bool()]
-        counts = torch.zeros(self.num_experts, dtype=torch.float32, device=experts.device)
-        counts.index_add_(0, picks.reshape(-1), torch.ones(picks.numel(), dtype=torch.float32, device=experts.device))
-        num_tokens = m.sum() if m is not None else torch.tensor(float(experts.shape[0]), device=experts.device)
-        return RouterStats(counts, prob_sum, num_tokens)
-
-
-def load_balancing_loss(stats: list[RouterStats], num_experts: int, top_k: int) -> torch.Tensor:
-    """Switch-style aux loss over all layers, as transformers 5.23 computes it for Doge:
-    E · Σ_e f_e · p_e, with f_e the share of (layer, token, slot) picks that went to e and p_e the mean
-    router probability of e over (layer, token)."""
-    counts = torch.stack([s.expert_counts for s in stats]).sum(0)
-    probs = torch.stack([s.expert_prob_sum for s in stats]).sum(0)
-    tokens = torch.stack([s.num_tokens for s in stats]).sum()
-    return num_experts * torch.sum((counts / (tokens * top_k)) * (probs / tokens))
+        if token_mask is not None:
+            px = px * token_mask.reshape(-1, 1).to(px)
+        counts, num_tokens = count_picks(experts, self.num_experts, token_mask)
+        return RouterStats(counts, (px.transpose(0, 1) @ py).reshape(-1), num_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,56 +298,34 @@ class DogeDecoderLayer(nn.Module):
         a = self.self_attn(self.input_layernorm(x), cos, sin, mask)
         x = self.input_residual * x + F.dropout(a, self.hidden_dropout, self.training)
         h = self.post_attention_layernorm(x)
-        stats = None
+        stats = []
         if isinstance(self.mlp, CrossDomainMoE):
-            y, stats = self.mlp(h, token_mask)
+            y, layer_stats = self.mlp(h, token_mask)
+            stats.append(layer_stats)
         else:
             y = self.mlp(h)
         x = self.post_attention_residual * x + F.dropout(y, self.hidden_dropout, self.training)
         return x, stats
 
 
-class DogeModel(nn.Module):
-    def __init__(self, config: DogeConfig):
-        super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(DogeDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.rope_parameters, config.head_dimension, config.max_position_embeddings)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        x = self.embed_tokens(input_ids)
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
-        padding = None if attention_mask is None else attention_mask.bool()
-        if padding is not None and bool(padding.all()):
-            padding = None  # nothing to mask: lets attention take its causal fast path
-        mask = VisibilityMask(key_padding=padding, sliding_window=self.config.sliding_window)
-        stats = []
-        for layer in self.layers:
-            x, layer_stats = layer(x, cos, sin, mask, token_mask=attention_mask)
-            if layer_stats is not None:
-                stats.append(layer_stats)
-        aux = None
-        if stats:
-            aux = load_balancing_loss(stats, self.config.num_experts, self.config.num_experts_per_tok)
-        return self.norm(x), aux
-
-
 class DogeForCausalLM(CausalLM):
     config_class = DogeConfig
 
     def __init__(self, config: DogeConfig):
-        super().__init__(config)
-        self.model = DogeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_weights()
+        super().__init__(
+            config,
+            layers=[DogeDecoderLayer(config) for _ in range(config.num_hidden_layers)],
+            rotary_emb=RotaryEmbedding(config.rope_parameters, config.head_dimension, config.max_position_embeddings),
+            sliding_window=config.sliding_window,
+        )
 
     @property
     def aux_loss_coef(self) -> float:
         return self.config.router_aux_loss_coef
+
+    def aux_loss(self, stats):
+        # transformers 5.23: f_e is the share of all (layer, token, slot) picks, so it sums to 1
+        return load_balancing_loss(stats, self.config.num_experts, self.config.num_experts_per_tok)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -397,4 +334,3 @@ class DogeForCausalLM(CausalLM):
             layer.self_attn.A.zero_()
             layer.input_residual.fill_(1.0)
             layer.post_attention_residual.fill_(1.0)
-        self.tie_weights()

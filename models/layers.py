@@ -206,6 +206,25 @@ def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return x * cos + rotated * sin
 
 
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GLM-style partial rotation of (B, heads, S, d): frequency i turns the adjacent pair (2i, 2i+1)
+    of the first rd dims (rd = cos.shape[-1]); the rest pass through. cos/sin are the `cat(freqs,
+    freqs)` tables of `RotaryEmbedding(rotary_dim=rd)`. Same operations as transformers' Glm4, so the
+    same bits."""
+    cos = cos.unsqueeze(1)[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)
+    sin = sin.unsqueeze(1)[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    rotated = torch.stack((-x_rot[..., 1::2], x_rot[..., 0::2]), dim=-1).flatten(-2)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, S, heads * d) -> (B, heads, S, d)."""
+    B, S, _ = x.shape
+    return x.view(B, S, -1, head_dim).transpose(1, 2)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Attention
 
@@ -351,6 +370,167 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+class FusedGatedMLP(nn.Module):
+    """The same MLP with gate and up in one matrix, `gate_up_proj` = [gate; up] (GLM-4's layout)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * self.act(gate))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mixture of experts: parameters, routing, dispatch, load balancing
+#
+# Kept as separate functions so an expert-parallel engine can put a rank's slice of `Experts.weight`
+# (experts are the leading dim) between `dispatch` and the combine step without touching model files.
+
+
+class Experts(nn.Module):
+    """E linear maps stored as one (E, out, in) tensor, the layout of transformers' checkpoints and of
+    grouped-GEMM kernels. Expert e computes F.linear(x, weight[e])."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+    def forward(self, x_sorted: torch.Tensor, dispatch: "ExpertDispatch") -> torch.Tensor:
+        return grouped_linear(x_sorted, self.weight, dispatch)
+
+
+class TopKRouter(nn.Module):
+    """logits = W h (in the model dtype, then fp32); keep the top k; softmax over those k only."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.layer = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def forward(self, h: torch.Tensor):
+        logits = self.layer(h).float()  # (N, E)
+        top_logits, experts = logits.topk(self.top_k, dim=-1)
+        gates = torch.softmax(top_logits, dim=-1).type_as(h)
+        return gates, experts, logits
+
+
+@dataclass
+class ExpertDispatch:
+    """(token, slot) pairs sorted by expert, found with tensor ops only (argsort + counts + cumsum):
+    nothing is read back to the host, so the step never waits on the device.
+
+    order: (N*k,) flat pair index (token * k + slot) in expert order
+    token: (N*k,) the token of each sorted pair
+    expert: (N*k,) the expert of each sorted pair (ascending)
+    group_end: (E,) int32, cumulative pair counts: expert e owns sorted rows [group_end[e-1], group_end[e])
+    """
+
+    order: torch.Tensor
+    token: torch.Tensor
+    expert: torch.Tensor
+    group_end: torch.Tensor
+
+    @classmethod
+    def plan(cls, experts: torch.Tensor, num_experts: int) -> "ExpertDispatch":
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        return cls(order, order // experts.shape[-1], flat[order], torch.cumsum(counts, 0, dtype=torch.int32))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: grouped_mm's CPU backward rejects the
+    stride-0 gradients that `.sum()` and broadcasts produce."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm"):
+        return False
+    aligned = all((n * x.element_size()) % 16 == 0 for n in weight.shape[1:])
+    if x.device.type == "cpu":
+        return aligned
+    # CUDA kernels take bf16 (sm80+); other dtypes use the fallback below.
+    return aligned and x.dtype == weight.dtype == torch.bfloat16
+
+
+def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, dispatch: ExpertDispatch) -> torch.Tensor:
+    """Row r of `x_sorted` (sorted by expert) times weight[expert_r]ᵀ, with no host synchronisation.
+
+    Uses torch's grouped GEMM (one kernel over jagged groups, offsets stay on the device). Where that
+    kernel does not apply (e.g. fp32 on CUDA), falls back to one dense matmul per expert over all rows,
+    masked: E/k times the FLOPs, still sync-free; fine for the small E of JetMoE-style layers."""
+    if torch.is_autocast_enabled(x_sorted.device.type):
+        dtype = torch.get_autocast_dtype(x_sorted.device.type)
+        x_sorted, weight = x_sorted.to(dtype), weight.to(dtype)
+    else:
+        x_sorted = x_sorted.to(weight.dtype)
+    if _grouped_mm_fits(x_sorted, weight):
+        return _ContiguousGrad.apply(F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=dispatch.group_end))
+    out = x_sorted.new_zeros(x_sorted.shape[0], weight.shape[1])
+    for e in range(weight.shape[0]):
+        mine = (dispatch.expert == e).unsqueeze(-1)
+        out = torch.where(mine, F.linear(x_sorted, weight[e]), out)
+    return out
+
+
+@dataclass
+class RouterStats:
+    """One router's contribution to a load-balancing loss (summed over routers).
+
+    expert_counts: (E,) picks per expert (padding excluded); expert_prob_sum: (E,) Σ over tokens of the
+    router's probability for each expert; num_tokens: () tokens counted."""
+
+    expert_counts: torch.Tensor
+    expert_prob_sum: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+def count_picks(experts: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None):
+    """Per-expert pick counts of (N, k) expert ids and the number of tokens counted, padding excluded
+    when a (B, S) token mask is given (tokens flattened batch-major, as the router sees them)."""
+    weights = torch.ones(experts.shape, dtype=torch.float32, device=experts.device)
+    if token_mask is None:
+        num_tokens = torch.tensor(float(experts.shape[0]), device=experts.device)
+    else:
+        m = token_mask.reshape(-1).to(device=experts.device, dtype=torch.float32)
+        weights = weights * m[:, None]
+        num_tokens = m.sum()
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=experts.device)
+    return counts.scatter_add_(0, experts.reshape(-1), weights.reshape(-1)), num_tokens
+
+
+def softmax_router_stats(logits: torch.Tensor, experts: torch.Tensor, token_mask: torch.Tensor | None) -> RouterStats:
+    """Statistics of a plain softmax router: probabilities over all E experts, picks = `experts`."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    if token_mask is not None:
+        probs = probs * token_mask.reshape(-1, 1).to(probs)
+    counts, num_tokens = count_picks(experts, logits.shape[-1], token_mask)
+    return RouterStats(counts, probs.sum(0), num_tokens)
+
+
+def load_balancing_loss(stats: list[RouterStats], num_experts: int, picks_per_token: int) -> torch.Tensor:
+    """Switch-transformer load balancing over all routers: E · Σ_e f_e · p_e, where p_e is the mean
+    router probability of expert e and f_e = picks of e / (tokens · picks_per_token). With
+    picks_per_token = k the f_e sum to 1 (Doge's convention); with 1 they sum to k (JetMoE's)."""
+    counts = torch.stack([s.expert_counts for s in stats]).sum(0)
+    probs = torch.stack([s.expert_prob_sum for s in stats]).sum(0)
+    tokens = torch.stack([s.num_tokens.to(counts.device) for s in stats]).sum()
+    return num_experts * torch.sum((counts / (tokens * picks_per_token)) * (probs / tokens))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loss and outputs
 
@@ -387,8 +567,8 @@ def causal_lm_loss(
 
 @torch.no_grad()
 def init_normal(module: nn.Module, std: float) -> None:
-    """transformers' base init: Linear and Embedding weights ~ N(0, std) (plain, not truncated),
-    biases 0, the padding row 0; norms to 1; rotary tables recomputed. Embeddings go last so that a
+    """transformers' base init: Linear, Embedding and expert weights ~ N(0, std) (plain, not
+    truncated), biases 0, the padding row 0; norms to 1; rotary tables recomputed. Embeddings go last so that a
     tied lm_head (a Linear sharing the embedding's weight) cannot overwrite the zeroed padding row."""
     modules = list(module.modules())
     for m in modules:
@@ -396,6 +576,8 @@ def init_normal(module: nn.Module, std: float) -> None:
             m.weight.normal_(0.0, std)
             if m.bias is not None:
                 m.bias.zero_()
+        elif isinstance(m, Experts):
+            m.weight.normal_(0.0, std)
         elif isinstance(m, (RMSNorm, RotaryEmbedding)):
             m.reset_parameters()
     for m in modules:

@@ -2,7 +2,7 @@
 weights and batch, in the same process (interleaved, so machine noise hits both alike).
 
     python -m train.bench_models                      # the issue's two cases (dense + 16384-expert MoE)
-    python -m train.bench_models --preset doge-60m --seq 1024 --batch 1 --steps 5
+    python -m train.bench_models --preset glm4-tiny glm4-150m jetmoe-tiny jetmoe-200m --seq 256 --batch 4
 
 Prints tokens/s for each and the ratio ours / transformers (> 1: we are faster).
 """
@@ -50,7 +50,9 @@ def compare(name: str, values: dict, batch: int, seq: int, steps: int, attn: str
         theirs = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation=attn, dtype=dtype)
     ours.train(), theirs.train()
     ids = torch.randint(0, values["vocab_size"], (batch, seq))
-    hf_kwargs = {"output_router_logits": bool(values.get("is_moe")), "use_cache": False}
+    # transformers adds the aux loss only when asked; ours always has it for MoE models
+    has_aux = bool(values.get("is_moe")) or values["model_type"] == "jetmoe"
+    hf_kwargs = {"output_router_logits": has_aux, "use_cache": False}
     step_time(ours, ids), step_time(theirs, ids, **hf_kwargs)  # warm-up
     ours_times, theirs_times = [], []
     for _ in range(steps):
@@ -68,7 +70,7 @@ def compare(name: str, values: dict, batch: int, seq: int, steps: int, attn: str
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=None, help="a configs/model preset; default: the issue's two cases")
+    parser.add_argument("--preset", nargs="+", default=None, help="configs/model presets; default: Doge dense + 16384-expert MoE")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
@@ -80,7 +82,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     if args.preset:
-        cases = [(args.preset, preset(args.preset))]
+        cases = [(name, preset(name)) for name in args.preset]
     else:
         moe = {**preset("doge-20m"), "is_moe": True, "num_experts": 16384, "num_experts_per_tok": 64}
         cases = [("doge-20m (dense)", preset("doge-20m")), ("doge-20m + CDMoE E=16384 k=64", moe)]

@@ -1,5 +1,5 @@
-"""Model smoke check (the quickstart until the trainer lands): trains the tiny dense and MoE Doge
-presets for a few dozen AdamW steps on byte tokens of text every Python install ships (its standard
+"""Model smoke check (the quickstart until the trainer lands): trains the tiny presets of every
+architecture (Doge dense and MoE, GLM-4, JetMoE) for a few dozen AdamW steps on byte tokens of text every Python install ships (its standard
 library sources), shows the loss falling, saves each as a Hugging Face directory, reloads it and
 checks the logits are identical.
 
@@ -19,6 +19,7 @@ import yaml
 import models
 
 REPO = Path(__file__).resolve().parents[1]
+PRESETS = ("doge-tiny", "doge-tiny-moe", "glm4-tiny", "jetmoe-tiny")
 
 
 def stdlib_bytes(limit: int = 2_000_000) -> torch.Tensor:
@@ -84,7 +85,7 @@ def main(argv=None) -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message="exporting a Doge MoE")
-    for name in ("doge-tiny", "doge-tiny-moe"):
+    for name in PRESETS:
         train_preset(name, tokens, args.steps, args.out)
     print("smoke check passed")
 

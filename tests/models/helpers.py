@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from models import build as build_model
+
 
 def perturb(model: torch.nn.Module, seed: int = 1) -> None:
     """Move every parameter away from its init value, so that parity tests exercise every term
@@ -20,7 +22,7 @@ def perturb(model: torch.nn.Module, seed: int = 1) -> None:
                 p.add_(0.3 * noise)
             elif name.endswith("bias"):
                 p.copy_(0.1 * noise)
-            elif p.dim() == 2 and "embed" not in name:
+            elif p.dim() >= 2:
                 p.copy_(noise / p.shape[-1] ** 0.5)
             else:
                 p.copy_(noise)
@@ -35,7 +37,11 @@ def hf_load(directory, attn_implementation: str = "eager"):
 
 
 def batch(vocab: int, batch_size: int, seq_len: int, padding: str | None, seed: int = 0):
-    """input_ids, attention_mask (or None), labels with -100 on padding."""
+    """input_ids, attention_mask (or None), labels with -100 on padding.
+
+    With left padding the first real token is also -100: it would be predicted from a pad position,
+    whose query sees no key at all; that row is garbage in every implementation (transformers' own
+    eager and SDPA disagree on it), so no loss may depend on it."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
     mask = torch.ones(batch_size, seq_len, dtype=torch.long)
@@ -44,4 +50,37 @@ def batch(vocab: int, batch_size: int, seq_len: int, padding: str | None, seed: 
     elif padding == "right":
         mask[1, -3:] = 0
     labels = ids.masked_fill(mask == 0, -100)
+    if padding == "left":
+        labels[1, 3] = -100
     return ids, (None if padding is None else mask), labels
+
+
+def save_pairs(tmp_path_factory, model_type: str, hf_model_class, hf_config_class, base: dict, cases: dict) -> dict:
+    """For each case: our model and transformers' model, each built from the same kwargs, perturbed,
+    and saved. Returns case -> (directory written by us, directory written by transformers)."""
+    out = {}
+    for case, extra in cases.items():
+        kwargs = {**base, **extra}
+        ours = build_model({"model_type": model_type, **kwargs})
+        perturb(ours)
+        theirs = hf_model_class(hf_config_class(**kwargs))
+        perturb(theirs, seed=2)
+        ours_dir = tmp_path_factory.mktemp(f"ours-{case}")
+        theirs_dir = tmp_path_factory.mktemp(f"theirs-{case}")
+        ours.save_pretrained(ours_dir)
+        theirs.save_pretrained(theirs_dir)
+        out[case] = (ours_dir, theirs_dir)
+    return out
+
+
+def future_token_changes_past(model, vocab: int, seq_len: int = 12) -> float:
+    """Largest change of logits at positions < t when only token t changes."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (2, seq_len), generator=g)
+    t = seq_len - 2
+    changed = ids.clone()
+    changed[:, t] = (ids[:, t] + 1) % vocab
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    assert (a[:, t:] - b[:, t:]).abs().max() > 1e-2, "the probe must change something"
+    return (a[:, :t] - b[:, :t]).abs().max().item()

@@ -66,7 +66,6 @@ def test_transformers_router_layout_is_not_causal():
 
 
 def _full_enumeration(sx, sy, k):
-    K = sx.shape[-1]
     all_scores = (sx[:, :, None] + sy[:, None, :]).flatten(1)  # expert a*K + b
     return all_scores.topk(k, dim=-1)
 
