@@ -12,7 +12,16 @@ from torch import nn
 
 from .checkpoint import load_weights_into, read_config_json, read_weights, resolve_model_dir, save_model_dir
 from .configuration import ModelConfig
-from .layers import CausalLMOutput, RMSNorm, RotaryEmbedding, RouterStats, VisibilityMask, causal_lm_loss, init_normal
+from .layers import (
+    CausalLMOutput,
+    RMSNorm,
+    RotaryEmbedding,
+    RouterStats,
+    VisibilityMask,
+    causal_lm_loss,
+    init_normal,
+    segments_from_positions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +52,20 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> tuple[torch.Tensor, list[RouterStats]]:
         x = self.embed_tokens(input_ids)
+        segments = None
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        elif attention_mask is None:
+            # Packed documents, as transformers treats them without a cache: positions that restart
+            # start a new segment, and attention stays within segments.
+            segments = segments_from_positions(position_ids.expand(input_ids.shape[0], -1))
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         padding = None if attention_mask is None else attention_mask.bool()
         # One host sync per forward (not per layer): an all-ones mask would otherwise cost every layer
         # the SDPA causal fast path.
         if padding is not None and bool(padding.all()):
             padding = None
-        mask = VisibilityMask(key_padding=padding, sliding_window=self.sliding_window)
+        mask = VisibilityMask(key_padding=padding, sliding_window=self.sliding_window, segment_ids=segments)
         stats: list[RouterStats] = []
         for layer in self.layers:
             x, layer_stats = layer(x, cos, sin, mask, attention_mask)
@@ -103,16 +117,18 @@ class CausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.Tensor | None = None,
     ) -> CausalLMOutput:
-        """input_ids (B, S); labels (B, S) unshifted, -100 = ignore; attention_mask (B, S) 1 = real token;
-        position_ids (B or 1, S), default 0..S-1. `loss` includes `aux_loss_coef * aux_loss` when the
-        model has one."""
+        """input_ids (B, S); labels (B, S) unshifted, -100 = ignore, or shift_labels (B, S) already
+        shifted (target of position t); attention_mask (B, S) 1 = real token; position_ids (B or 1, S),
+        default 0..S-1 (restarting positions mark packed documents, which then do not attend to each
+        other). `loss` includes `aux_loss_coef * aux_loss` when the model has one."""
         hidden, stats = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
         aux_loss = self.aux_loss(stats) if stats else None
         logits = self.lm_head(hidden)
         loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, num_items_in_batch)
+        if labels is not None or shift_labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels=shift_labels)
             if aux_loss is not None and self.aux_loss_coef:
                 loss = loss + self.aux_loss_coef * aux_loss.to(loss.device)
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss)

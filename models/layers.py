@@ -235,14 +235,17 @@ class VisibilityMask:
     [B, H, L, S] tensor: causal (always), optional key padding, optional sliding window.
 
     key_padding: (B, S) bool, True for real tokens (the usual 2-D `attention_mask`).
-    sliding_window: a query sees at most this many most-recent keys, itself included."""
+    sliding_window: a query sees at most this many most-recent keys, itself included.
+    segment_ids: (B, S) int, packed documents: a query sees only keys of its own segment."""
 
     key_padding: torch.Tensor | None = None
     sliding_window: int | None = None
+    segment_ids: torch.Tensor | None = None
 
     def is_plain_causal(self, q_len: int, kv_len: int) -> bool:
         return (
             self.key_padding is None
+            and self.segment_ids is None
             and q_len == kv_len
             and (self.sliding_window is None or self.sliding_window >= kv_len)
         )
@@ -257,7 +260,18 @@ class VisibilityMask:
         visible = visible[None, None]
         if self.key_padding is not None:
             visible = visible & self.key_padding[:, None, None, :kv_len].bool()
+        if self.segment_ids is not None:
+            seg = self.segment_ids
+            visible = visible & (seg[:, None, kv_len - q_len :, None] == seg[:, None, None, :kv_len])
         return visible
+
+
+def segments_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Packed documents: a new segment starts wherever the position does not continue by one (as
+    transformers detects packed sequences). (B, S) -> (B, S) segment index."""
+    starts = torch.ones_like(position_ids, dtype=torch.long)
+    starts[:, 1:] = (position_ids[:, 1:] != position_ids[:, :-1] + 1).long()
+    return torch.cumsum(starts, dim=1)
 
 
 ATTENTION_BACKENDS = ("eager", "sdpa")
@@ -544,13 +558,16 @@ class CausalLMOutput:
 
 def causal_lm_loss(
     logits: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token t predicts labels[t + 1]; fp32 cross-entropy over non-ignored tokens. With
-    `num_items_in_batch` the sum is divided by it (for exact gradient accumulation across micro-batches)."""
-    shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    """Token t predicts labels[t + 1] (or shift_labels[t], already shifted, as packed rows provide);
+    fp32 cross-entropy over non-ignored tokens. With `num_items_in_batch` the sum is divided by it
+    (exact gradient accumulation across micro-batches)."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     logits = logits.float().reshape(-1, logits.shape[-1])
     shift_labels = shift_labels.reshape(-1).to(logits.device)
     if num_items_in_batch is None:

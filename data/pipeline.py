@@ -1,0 +1,472 @@
+"""Documents -> token rows: mixture, tokenization, packing, shuffling, sharding, exact resume.
+
+    sources --(mixture by tokens or documents)--> tokenize (batched) + EOS --> pack into rows of
+    seq_len + 1 tokens (consecutive rows overlap by one token, so every token is a target once)
+    --> shuffle buffer --> batches {input_ids, shift_labels[, position_ids]}
+
+Work is split over nodes = data-parallel ranks × loader workers. Each node owns a disjoint part of
+every source (`sources.split_for_node`) and runs its own mixture and packer (`PackedRows`) inside a
+DataLoader worker (or in-process with num_workers=0). Workers hand over chunks of rows together with
+their small state; the main process keeps the shuffle buffer and the last state received from each
+worker, so `TokenLoader.state_dict()` is cheap and a resumed loader yields exactly the batches an
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from .pretokenize import PretokenizedStream, is_pretokenized
+from .sources import DataError, DocumentStream, SourceConfig, text_hash
+from .tokenizer import TextTokenizer, TokenizerConfig, default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """The held-out evaluation stream. By default the first `holdout_documents` documents of each
+    training source are held out (training skips them, by content hash); or give separate `sources`
+    (another split, shard or file)."""
+
+    holdout_documents: int = 64
+    sources: Optional[list[SourceConfig]] = None
+    max_batches: int = 8
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig]
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    seq_len: int = 256
+    batch_size: int = 8  # rows per micro-batch, per rank
+    mixture_by: str = "tokens"  # tokens | documents
+    shuffle_buffer: int = 256  # rows held by the main process for shuffling (0: none)
+    document_masking: bool = False  # reset positions and block attention at document starts
+    num_workers: int = 0  # DataLoader worker processes per rank (0: in-process)
+    read_batch: int = 64  # documents read and tokenized at a time
+    seed: int = 0
+    allow_new_order: bool = False  # on resume with another world size: start a fresh data order
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.mixture_by not in ("tokens", "documents"):
+            raise DataError(f"data.mixture_by={self.mixture_by!r}; choose tokens or documents")
+        if self.seq_len < 1 or self.batch_size < 1:
+            raise DataError(f"data.seq_len and data.batch_size must be >= 1 (got {self.seq_len}, {self.batch_size})")
+        if not self.sources:
+            raise DataError("data.sources is empty: give at least one source")
+
+
+def mixture_weights(sources: list[SourceConfig]) -> tuple[list[SourceConfig], list[float]]:
+    """Sources with a positive weight and their weights normalised to sum to 1. A negative weight is an
+    error; a zero weight drops the source (so an override can switch one off); weights that do not sum
+    to 1 are normalised, and the result is logged."""
+    for s in sources:
+        if s.weight < 0:
+            raise DataError(f"source {s.name!r}: weight {s.weight} is negative; weights must be >= 0")
+    kept = [s for s in sources if s.weight > 0]
+    dropped = [s.name for s in sources if s.weight == 0]
+    if dropped:
+        logger.warning("sources with weight 0 are left out: %s", dropped)
+    if not kept:
+        raise DataError("every source has weight 0: give at least one a positive weight")
+    total = sum(s.weight for s in kept)
+    weights = [s.weight / total for s in kept]
+    if abs(total - 1.0) > 1e-6 and len(kept) > 1:
+        logger.info("mixture weights normalised to %s", {s.name: round(w, 4) for s, w in zip(kept, weights)})
+    return kept, weights
+
+
+def open_stream(source: SourceConfig, node=0, num_nodes=1, read_batch=64, exclude=frozenset(), endless=True, fetcher=None):
+    """The right stream for a source: pre-tokenized shards, or text through `datasets`."""
+    if is_pretokenized(source.path):
+        return PretokenizedStream(source, node, num_nodes, read_batch, set(exclude), endless)
+    if source.fetch is not None and fetcher is None:
+        if source.fetch != "softwareheritage":
+            raise DataError(f"source {source.name!r}: fetch={source.fetch!r}; the only fetcher is softwareheritage")
+        from .swh import SoftwareHeritageFetcher
+
+        fetcher = SoftwareHeritageFetcher(default_cache_dir() / "softwareheritage")
+    return DocumentStream(source, node, num_nodes, read_batch, set(exclude), endless, fetcher)
+
+
+def doc_hash(doc) -> bytes:
+    if isinstance(doc, str):
+        return text_hash(doc)
+    return hashlib.blake2b(np.asarray(doc).tobytes(), digest_size=8).digest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Held-out evaluation documents
+
+
+class HeldOut:
+    """The evaluation documents: the first `holdout_documents` usable documents of each source (or of
+    the explicit eval sources). Every node computes the same set, so training can skip them by hash."""
+
+    def __init__(self, cfg: DataConfig):
+        self.explicit = cfg.eval.sources is not None
+        sources = cfg.eval.sources if self.explicit else mixture_weights(cfg.sources)[0]
+        self.documents: list[tuple[int, Any]] = []  # (source index, document)
+        for index, source in enumerate(sources):
+            stream = open_stream(source, endless=False, read_batch=cfg.read_batch)
+            try:
+                for _ in range(cfg.eval.holdout_documents):
+                    doc = stream.next_document()
+                    if doc is None:
+                        break
+                    self.documents.append((index, doc))
+            finally:
+                stream.close()
+        if cfg.eval.holdout_documents and not self.documents:
+            raise DataError("the evaluation stream is empty: its sources gave no usable document")
+        # with separate eval sources, nothing needs to be skipped in training
+        self.exclude = set() if self.explicit else {doc_hash(d) for _, d in self.documents}
+
+
+# ---------------------------------------------------------------------------------------------------
+# One node: mixture + tokenization + packing
+
+
+class PackedRows:
+    """Rows of `seq_len + 1` tokens for one node. Its state is small: per source, where the current
+    read batch started and how much of it was used (re-read and re-tokenized on resume), the mixture
+    counters, and the packing remainder (< one row)."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: TextTokenizer,
+        node: int = 0,
+        num_nodes: int = 1,
+        exclude: set = frozenset(),
+        fetcher=None,
+    ):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.sources, self.weights = mixture_weights(cfg.sources)
+        self.streams = [open_stream(s, node, num_nodes, cfg.read_batch, exclude, fetcher=fetcher) for s in self.sources]
+        for stream in self.streams:
+            if isinstance(stream, PretokenizedStream):
+                stream.check_tokenizer(tokenizer)
+        n = len(self.sources)
+        self.count = [0] * n  # tokens or documents taken from each source (for the mixture)
+        self._queue: list[list] = [[] for _ in range(n)]  # tokenized documents ready to pack
+        self._pull: list[dict] = [{"before": None, "pulled": 0, "used": 0} for _ in range(n)]
+        self._tokens = np.empty(0, dtype=np.int32)
+        self._starts = np.empty(0, dtype=bool)  # True at the first token of a document
+        self._source = np.empty(0, dtype=np.int8)
+
+    # -- documents
+    def _refill(self, i: int) -> None:
+        """Read and tokenize the next batch of documents of source i (one tokenizer call)."""
+        stream = self.streams[i]
+        before = stream.state_dict()
+        docs = [stream.next_document() for _ in range(self.cfg.read_batch)]
+        self._pull[i] = {"before": before, "pulled": len(docs), "used": 0}
+        self._queue[i] = self._tokenize(docs)
+
+    def _tokenize(self, docs: list) -> list[np.ndarray]:
+        texts = [d for d in docs if isinstance(d, str)]
+        encoded = iter(self.tokenizer.encode_batch(texts)) if texts else iter(())
+        out = []
+        for d in docs:
+            ids = np.asarray(next(encoded) if isinstance(d, str) else d, dtype=np.int32)
+            out.append(np.append(ids, np.int32(self.tokenizer.eos_id)))
+        return out
+
+    def _next_source(self) -> int:
+        # Deterministic weighted scheduling: the source furthest below its share goes next, so the
+        # token (or document) shares track the weights closely at every point of the stream.
+        return min(range(len(self.weights)), key=lambda i: (self.count[i] / self.weights[i], i))
+
+    def _append_document(self) -> None:
+        i = self._next_source()
+        if self._pull[i]["used"] >= len(self._queue[i]):
+            self._refill(i)
+        doc = self._queue[i][self._pull[i]["used"]]
+        self._pull[i]["used"] += 1
+        self.count[i] += len(doc) if self.cfg.mixture_by == "tokens" else 1
+        starts = np.zeros(len(doc), dtype=bool)
+        starts[0] = True
+        self._tokens = np.concatenate([self._tokens, doc])
+        self._starts = np.concatenate([self._starts, starts])
+        self._source = np.concatenate([self._source, np.full(len(doc), i, dtype=np.int8)])
+
+    # -- rows
+    def next_rows(self, n: int) -> dict[str, np.ndarray]:
+        width = self.cfg.seq_len + 1
+        while len(self._tokens) < self.cfg.seq_len * n + 1:
+            self._append_document()
+        take = self.cfg.seq_len * n
+        index = np.arange(n)[:, None] * self.cfg.seq_len + np.arange(width)[None, :]
+        rows = {"tokens": self._tokens[index], "starts": self._starts[index], "source": self._source[index]}
+        # the last token of each row is the first of the next (it is a target once, an input once)
+        self._tokens, self._starts, self._source = self._tokens[take:], self._starts[take:], self._source[take:]
+        return rows
+
+    # -- resume
+    def state_dict(self) -> dict:
+        return {
+            "count": list(self.count),
+            "pull": [dict(p) for p in self._pull],
+            "tokens": torch.from_numpy(self._tokens.copy()),
+            "starts": torch.from_numpy(self._starts.copy()),
+            "source": torch.from_numpy(self._source.copy()),
+            "streams": [{"epoch": s.epoch, "stats": s.stats.as_dict()} for s in self.streams],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = list(state["count"])
+        for i, pull in enumerate(state["pull"]):
+            self._pull[i] = dict(pull)
+            self._queue[i] = []
+            if pull["before"] is not None:
+                stream = self.streams[i]
+                stream.load_state_dict(pull["before"])
+                docs = [stream.next_document() for _ in range(pull["pulled"])]
+                self._queue[i] = self._tokenize(docs)
+        self._tokens = state["tokens"].numpy().astype(np.int32)
+        self._starts = state["starts"].numpy().astype(bool)
+        self._source = state["source"].numpy().astype(np.int8)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+    def stats(self) -> dict:
+        return {s.cfg.name: {"epoch": s.epoch, **s.stats.as_dict()} for s in self.streams}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows -> batches
+
+
+def rows_to_batch(rows: dict[str, np.ndarray], eos_id: int, document_masking: bool) -> dict[str, torch.Tensor]:
+    tokens = torch.from_numpy(rows["tokens"].astype(np.int64))
+    batch = {"input_ids": tokens[:, :-1].contiguous(), "shift_labels": tokens[:, 1:].contiguous()}
+    if document_masking:
+        starts = rows["starts"][:, :-1].copy()
+        starts[:, 0] = True  # a row starts a segment (its first document may have begun in the last row)
+        index = np.broadcast_to(np.arange(starts.shape[1]), starts.shape)
+        segment_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+        batch["position_ids"] = torch.from_numpy((index - segment_start).astype(np.int64))
+        # EOS ends a document: predicting the next document's first token from it is not learnable
+        # once attention is blocked across documents
+        batch["shift_labels"] = batch["shift_labels"].masked_fill(batch["input_ids"] == eos_id, -100)
+    return batch
+
+
+class _WorkerStreams(torch.utils.data.IterableDataset):
+    """Runs one `PackedRows` per DataLoader worker and yields (logical worker, rows, state) chunks."""
+
+    def __init__(self, cfg, tokenizer, rank, world_size, num_logical, offset, states, exclude, chunk_rows, fetcher):
+        super().__init__()
+        self.args = (cfg, tokenizer, rank, world_size, num_logical, offset, states, exclude, chunk_rows, fetcher)
+
+    def __iter__(self):
+        cfg, tokenizer, rank, world_size, num_logical, offset, states, exclude, chunk_rows, fetcher = self.args
+        info = torch.utils.data.get_worker_info()
+        logical = ((info.id if info else 0) + offset) % num_logical
+        rows = PackedRows(cfg, tokenizer, rank * num_logical + logical, world_size * num_logical, exclude, fetcher)
+        if states[logical] is not None:
+            rows.load_state_dict(states[logical])
+        try:
+            while True:
+                chunk = rows.next_rows(chunk_rows)
+                yield logical, chunk, rows.state_dict(), rows.stats()
+        finally:
+            rows.close()
+
+
+class TokenLoader:
+    """The training batches of one data-parallel rank, endless, with exact resume.
+
+    Iterating yields {input_ids (B, S), shift_labels (B, S)[, position_ids (B, S)]}, int64.
+    `state_dict()` / `load_state_dict()` capture everything needed to continue token for token."""
+
+    STATE_VERSION = 1
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: TextTokenizer,
+        rank: int = 0,
+        world_size: int = 1,
+        heldout: HeldOut | None = None,
+        fetcher=None,
+    ):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.rank, self.world_size = rank, world_size
+        self.num_logical = max(1, cfg.num_workers)
+        self.exclude = heldout.exclude if heldout is not None else set()
+        self.fetcher = fetcher
+        self.source_names = [s.name for s in mixture_weights(cfg.sources)[0]]
+        self._worker_states: list = [None] * self.num_logical
+        self._worker_stats: list = [{} for _ in range(self.num_logical)]
+        self._next_worker = 0
+        self._rng = np.random.default_rng([cfg.seed, rank])
+        self._buffer: dict[str, np.ndarray] | None = None
+        self.source_tokens = [0] * len(self.source_names)
+        self.batches = 0
+        self._started = False
+
+    # -- identity of the data order
+    def _fingerprint(self) -> str:
+        spec = {
+            "sources": [asdict(s) for s in mixture_weights(self.cfg.sources)[0]],
+            "seq_len": self.cfg.seq_len,
+            "mixture_by": self.cfg.mixture_by,
+            "tokenizer": self.tokenizer.fingerprint,
+            "holdout": self.cfg.eval.holdout_documents,
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    # -- iteration
+    def _chunks(self) -> Iterator:
+        dataset = _WorkerStreams(
+            self.cfg, self.tokenizer, self.rank, self.world_size, self.num_logical, self._next_worker,
+            list(self._worker_states), self.exclude, self.cfg.batch_size, self.fetcher,
+        )
+        if self.cfg.num_workers == 0:
+            yield from dataset
+            return
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=self.cfg.num_workers, prefetch_factor=4, persistent_workers=False
+        )
+        yield from loader
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._started:
+            raise RuntimeError("a TokenLoader is iterated once; make a new one (and load its state) to restart")
+        self._started = True
+        B = self.cfg.batch_size
+        capacity = max(self.cfg.shuffle_buffer, B)
+        chunks = self._chunks()
+        while True:
+            while self._buffer is None or len(self._buffer["tokens"]) < capacity:
+                logical, rows, state, stats = next(chunks)
+                self._worker_states[logical] = state
+                self._worker_stats[logical] = stats
+                self._next_worker = (logical + 1) % self.num_logical
+                self._buffer = rows if self._buffer is None else {
+                    k: np.concatenate([self._buffer[k], rows[k]]) for k in rows
+                }
+            n = len(self._buffer["tokens"])
+            if self.cfg.shuffle_buffer > B:
+                picked = self._rng.choice(n, size=B, replace=False)
+            else:
+                picked = np.arange(B)
+            keep = np.ones(n, dtype=bool)
+            keep[picked] = False
+            batch_rows = {k: v[picked] for k, v in self._buffer.items()}
+            self._buffer = {k: v[keep] for k, v in self._buffer.items()}
+            counts = np.bincount(batch_rows["source"][:, :-1].reshape(-1), minlength=len(self.source_names))
+            self.source_tokens = [a + int(b) for a, b in zip(self.source_tokens, counts)]
+            self.batches += 1
+            yield rows_to_batch(batch_rows, self.tokenizer.eos_id, self.cfg.document_masking)
+
+    # -- reporting
+    def source_stats(self) -> dict:
+        """Tokens consumed per source (exact), and per-source document / skip / epoch counts."""
+        out = {name: {"tokens": t} for name, t in zip(self.source_names, self.source_tokens)}
+        for stats in self._worker_stats:
+            for name, s in stats.items():
+                entry = out.setdefault(name, {"tokens": 0})
+                entry["epoch"] = max(entry.get("epoch", 0), s["epoch"])
+                for key in ("documents", "skipped_empty", "skipped_heldout", "skipped_fetch"):
+                    entry[key] = entry.get(key, 0) + s[key]
+        return out
+
+    # -- resume
+    def state_dict(self) -> dict:
+        buffer = self._buffer or {}
+        return {
+            "version": self.STATE_VERSION,
+            "fingerprint": self._fingerprint(),
+            "world_size": self.world_size,
+            "num_workers": self.num_logical,
+            "batch_size": self.cfg.batch_size,
+            "workers": list(self._worker_states),
+            "worker_stats": list(self._worker_stats),
+            "next_worker": self._next_worker,
+            "rng": self._rng.bit_generator.state,
+            "buffer": {k: torch.from_numpy(v.copy()) for k, v in buffer.items()},
+            "source_tokens": list(self.source_tokens),
+            "batches": self.batches,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._started:
+            raise RuntimeError("load_state_dict must come before iterating")
+        if state.get("version") != self.STATE_VERSION:
+            raise DataError(f"data loader state has version {state.get('version')}, expected {self.STATE_VERSION}")
+        self.source_tokens = list(state["source_tokens"])
+        self.batches = state["batches"]
+        same_layout = (
+            state["world_size"] == self.world_size
+            and state["num_workers"] == self.num_logical
+            and state["fingerprint"] == self._fingerprint()
+        )
+        if not same_layout:
+            what = (
+                f"saved with world_size={state['world_size']}, num_workers={state['num_workers']}, data fingerprint "
+                f"{state['fingerprint']}; now world_size={self.world_size}, num_workers={self.num_logical}, "
+                f"fingerprint {self._fingerprint()}"
+            )
+            if not self.cfg.allow_new_order:
+                raise DataError(
+                    f"cannot resume the data stream exactly: {what}. Resume with the same data config, world size and "
+                    f"data.num_workers, or set data.allow_new_order=true to start a fresh data order (documents "
+                    f"seen before may be seen again)."
+                )
+            logger.warning("data: %s; starting a fresh data order (data.allow_new_order=true)", what)
+            self._rng = np.random.default_rng([self.cfg.seed, self.rank, self.batches])
+            return
+        self._worker_states = list(state["workers"])
+        self._worker_stats = list(state["worker_stats"])
+        self._next_worker = state["next_worker"]
+        self._rng.bit_generator.state = state["rng"]
+        buffer = state["buffer"]
+        self._buffer = {k: v.numpy() for k, v in buffer.items()} if buffer else None
+
+
+def eval_batches(
+    cfg: DataConfig, tokenizer: TextTokenizer, heldout: HeldOut, rank: int = 0, world_size: int = 1
+) -> list[dict[str, torch.Tensor]]:
+    """The held-out batches of this rank: the held-out documents packed in order, rows dealt out
+    to ranks round-robin, at most `eval.max_batches` batches per rank. The same every time."""
+    width = cfg.seq_len + 1
+    tokens, starts = [], []
+    encoded = tokenizer.encode_batch([d for _, d in heldout.documents if isinstance(d, str)])
+    it = iter(encoded)
+    for _, doc in heldout.documents:
+        ids = np.asarray(next(it) if isinstance(doc, str) else doc, dtype=np.int32)
+        ids = np.append(ids, np.int32(tokenizer.eos_id))
+        tokens.append(ids)
+        flags = np.zeros(len(ids), dtype=bool)
+        flags[0] = True
+        starts.append(flags)
+    stream, flags = np.concatenate(tokens), np.concatenate(starts)
+    num_rows = (len(stream) - 1) // cfg.seq_len
+    if num_rows < world_size:
+        raise DataError(
+            f"the evaluation stream has {num_rows} rows of {cfg.seq_len} tokens for {world_size} ranks: hold out more "
+            f"documents (data.eval.holdout_documents) or evaluate on fewer ranks"
+        )
+    mine = np.arange(rank, num_rows, world_size)[: cfg.eval.max_batches * cfg.batch_size]
+    index = mine[:, None] * cfg.seq_len + np.arange(width)[None, :]
+    rows = {"tokens": stream[index], "starts": flags[index]}
+    return [
+        rows_to_batch({k: v[i : i + cfg.batch_size] for k, v in rows.items()}, tokenizer.eos_id, cfg.document_masking)
+        for i in range(0, len(mine), cfg.batch_size)
+    ]

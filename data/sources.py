@@ -1,0 +1,338 @@
+"""Where documents come from: hub datasets (smollm-corpus and any other), local directories in the
+hub's layout, local files (parquet, jsonl, txt; globs), pre-tokenized shards, and a built-in corpus
+that every machine already has (the Python standard library's sources).
+
+Every text source is read through `datasets` streaming, so a local replica in the hub's layout runs
+exactly the code path the hub does. A `DocumentStream` is one source as seen by one node (a data-
+parallel rank × a loader worker): endless over epochs, with a small `state_dict()` that resumes at the
+exact next document.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import glob
+import hashlib
+import logging
+import os
+import sysconfig
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PYTHON_STDLIB = "builtin:python-stdlib"
+_OPEN_STREAMS: "weakref.WeakSet[DocumentStream]" = weakref.WeakSet()
+FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text", ".md": "text"}
+
+
+class DataError(ValueError):
+    """Bad data configuration or input; the message names the source and the fix."""
+
+
+@dataclass
+class SourceConfig:
+    """One corpus in a mixture.
+
+    path: a hub dataset id (`HuggingFaceTB/smollm-corpus`), a local directory in the hub's layout, local
+      files (a path or glob, or a list of them), a directory written by `python -m data.pretokenize`, or
+      `builtin:python-stdlib`.
+    config / split: the hub config (e.g. `cosmopedia-v2`) and split.
+    text_column: the column holding the text.
+    weight: mixture weight (normalised over sources; 0 drops the source).
+    fetch: `softwareheritage` for rows that carry only a `blob_id` (smollm-corpus python-edu).
+    """
+
+    name: str
+    path: Any
+    config: Optional[str] = None
+    split: str = "train"
+    text_column: str = "text"
+    weight: float = 1.0
+    fetch: Optional[str] = None
+    data_format: Optional[str] = None  # files only: parquet | json | text (default: from the extension)
+
+
+def text_hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Opening a source as a datasets IterableDataset
+
+
+def _configure_datasets() -> None:
+    import datasets
+
+    # datasets 5.2 sleeps 5 s whenever a stream's iterator is dropped; nothing needs that wait here.
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def stdlib_files() -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    return sorted(str(p) for p in root.rglob("*.py") if not skip.intersection(p.parts))
+
+
+def _read_files(paths: list[str]):
+    for path in paths:
+        # Some files on a normal machine are not UTF-8: keep them, with replacement characters.
+        yield {"text": Path(path).read_bytes().decode("utf-8", errors="replace"), "path": path}
+
+
+def _file_list(path: Any) -> list[str]:
+    patterns = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    files: list[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(str(pattern), recursive=True))
+        if not matched:
+            raise DataError(f"no files match {pattern!r}")
+        files.extend(m for m in matched if Path(m).is_file())
+    return files
+
+
+def _is_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and not Path(text).exists()
+
+
+def _probe_hub(repo_id: str) -> None:
+    """Fail in seconds, not after datasets' ~25 s of retries, when the hub cannot be reached."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return  # datasets then fails at once with OfflineModeIsEnabled (or uses its cache)
+    try:
+        huggingface_hub.HfApi().dataset_info(repo_id, timeout=10)
+    except Exception as exc:  # no network, DNS, 404, auth
+        raise DataError(
+            f"dataset {repo_id!r}: cannot reach it on the Hugging Face hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Offline? Point the source's `path` at a "
+            f"local copy in the hub's layout (`huggingface-cli download {repo_id} --repo-type dataset "
+            f"--local-dir DIR`) or at local files."
+        ) from exc
+
+
+def open_dataset(cfg: SourceConfig):
+    """The source as a streaming `datasets.IterableDataset` with a `text` column (or `blob_id`)."""
+    _configure_datasets()
+    import datasets
+
+    path = cfg.path
+    try:
+        if path == BUILTIN_PYTHON_STDLIB:
+            files = stdlib_files()
+            # a list in gen_kwargs is split into shards: one per file, so nodes split by file
+            ds = datasets.IterableDataset.from_generator(_read_files, gen_kwargs={"paths": files})
+        elif isinstance(path, str) and (_is_hub_id(path) or Path(path).is_dir()):
+            if _is_hub_id(path):
+                _probe_hub(path)
+            ds = datasets.load_dataset(path, cfg.config, split=cfg.split, streaming=True)
+        else:
+            files = _file_list(path)
+            formats = {cfg.data_format or FILE_FORMATS.get(Path(f).suffix) for f in files}
+            if None in formats or len(formats) != 1:
+                raise DataError(
+                    f"source {cfg.name!r}: cannot tell one file format for {path!r} (extensions give {formats}); "
+                    f"set data_format to parquet, json or text"
+                )
+            builder = formats.pop()
+            extra = {}
+            if builder in ("text", "json"):
+                # Some files on a normal machine are not UTF-8: keep them, with replacement characters.
+                extra["encoding_errors"] = "replace"
+            if builder == "json":
+                # datasets' json reader applies encoding_errors only when the encoding is not spelled
+                # "utf-8" (otherwise pyarrow takes the raw bytes and fails later on invalid UTF-8);
+                # "utf_8" is the same codec under another name, which routes it through the decode.
+                extra["encoding"] = "utf_8"
+            if builder == "text":
+                extra["sample_by"] = "document"  # one document per file, not per line
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+    except DataError:
+        raise
+    except Exception as exc:
+        where = f"{path!r}" + (f" config {cfg.config!r}" if cfg.config else "") + f" split {cfg.split!r}"
+        raise DataError(
+            f"source {cfg.name!r}: could not open {where} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}). Offline? Point `path` at a local directory "
+            f"in the hub's layout or at local files."
+        ) from exc
+    columns = ds.column_names
+    needed = "blob_id" if cfg.fetch else cfg.text_column
+    if columns is not None and needed not in columns:
+        hint = " (smollm-corpus python-edu has only blob ids: set fetch: softwareheritage)" if "blob_id" in columns else ""
+        raise DataError(
+            f"source {cfg.name!r}: column {needed!r} not in {columns}; set text_column to one of them{hint}"
+        )
+    return ds
+
+
+def split_for_node(ds, node: int, num_nodes: int):
+    """Node `node` of `num_nodes` (ranks × workers). Whole shards per node when there are enough
+    (no node reads another's files; counts differ by at most one shard); otherwise every
+    num_nodes-th document. Either way the nodes partition the stream: nothing twice, nothing dropped."""
+    if num_nodes == 1:
+        return ds
+    if ds.num_shards >= num_nodes:
+        return ds.shard(num_shards=num_nodes, index=node, contiguous=False)
+    from datasets.distributed import split_dataset_by_node
+
+    return split_dataset_by_node(ds, rank=node, world_size=num_nodes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One source as seen by one node
+
+
+@dataclass
+class StreamStats:
+    documents: int = 0
+    skipped_empty: int = 0
+    skipped_heldout: int = 0
+    skipped_fetch: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(eq=False)
+class DocumentStream:
+    """Batches of documents (str, or token arrays for pre-tokenized sources) from one source for one
+    node, endless over epochs. `state_dict()` records where the current read batch started and how
+    many of its documents were handed out, so a resumed stream re-reads that batch and continues at
+    the exact next document."""
+
+    cfg: SourceConfig
+    node: int = 0
+    num_nodes: int = 1
+    read_batch: int = 64
+    exclude: set = field(default_factory=set)  # text hashes held out for evaluation
+    endless: bool = True
+    fetcher: Any = None
+
+    def __post_init__(self):
+        self._ds = None
+        self.epoch = 0
+        self.stats = StreamStats()
+        self._batch_start_state = None  # dataset state before the current batch (None: epoch start)
+        self._pending: list = []  # documents of the current batch not yet handed out
+        self._consumed = 0  # documents of the current batch handed out (or skipped)
+        self._documents_this_epoch = 0
+        self._iter = None
+        self._start_epoch(None)
+        _OPEN_STREAMS.add(self)
+
+    # -- reading
+    def _start_epoch(self, dataset_state) -> None:
+        self.close()
+        # A fresh dataset object per pass (not a deepcopy: a streaming dataset holds filesystem
+        # handles that background threads may be updating).
+        self._ds = split_for_node(open_dataset(self.cfg), self.node, self.num_nodes)
+        self._ds.set_epoch(self.epoch)
+        if dataset_state is not None:
+            self._ds.load_state_dict(dataset_state)
+        self._iter: Iterator = self._ds.iter(batch_size=self.read_batch)
+        self._start_state = dataset_state
+        self._fresh = True  # nothing read from this iterator yet
+
+    def _read_batch(self) -> bool:
+        """Load the next batch of documents into `_pending`; False when the epoch has ended."""
+        # datasets' state after the previous batch is this batch's start (its state is only set up
+        # once an iterator has yielded, hence `_fresh`)
+        state_before = copy.deepcopy(self._start_state) if self._fresh else self._ds.state_dict()
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            return False
+        self._fresh = False
+        self._batch_start_state = state_before
+        self._pending = self._documents(batch)
+        self._consumed = 0
+        return True
+
+    def _documents(self, batch: dict) -> list:
+        if self.cfg.fetch:
+            texts = self.fetcher.fetch(batch["blob_id"]) if self.fetcher else [None] * len(batch["blob_id"])
+        else:
+            texts = batch[self.cfg.text_column]
+        return list(texts)
+
+    def next_document(self):
+        """The next usable document. Empty, whitespace-only, held-out and unfetchable ones are skipped and
+        counted. Returns None only for a finite (evaluation) stream that has ended."""
+        while True:
+            while self._consumed < len(self._pending):
+                doc = self._pending[self._consumed]
+                self._consumed += 1
+                if doc is None:
+                    self.stats.skipped_fetch += 1
+                    continue
+                if isinstance(doc, str):
+                    if not doc.strip():
+                        self.stats.skipped_empty += 1
+                        continue
+                    if self.exclude and text_hash(doc) in self.exclude:
+                        self.stats.skipped_heldout += 1
+                        continue
+                self.stats.documents += 1
+                self._documents_this_epoch += 1
+                return doc
+            if self._read_batch():
+                continue
+            if not self.endless:
+                return None
+            if self._documents_this_epoch == 0:
+                raise DataError(
+                    f"source {self.cfg.name!r}: node {self.node} of {self.num_nodes} got no usable document in a "
+                    f"whole pass (empty source, or fewer documents than ranks x loader workers); "
+                    f"stats: {self.stats.as_dict()}"
+                )
+            self.epoch += 1
+            self._documents_this_epoch = 0
+            logger.info("source %s (node %d): epoch %d begins", self.cfg.name, self.node, self.epoch)
+            self._pending, self._consumed = [], 0
+            self._start_epoch(None)
+
+    # -- resume
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batch_start": copy.deepcopy(self._batch_start_state),
+            "consumed": self._consumed,
+            "documents_this_epoch": self._documents_this_epoch,
+            "stats": self.stats.as_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.stats = StreamStats(**state["stats"])
+        self._documents_this_epoch = state["documents_this_epoch"]
+        self._start_epoch(state["batch_start"])
+        self._pending, self._consumed = [], 0
+        consumed = state["consumed"]
+        if consumed and self._read_batch():
+            # the documents of this batch that were handed out before the checkpoint
+            self._consumed = consumed
+        elif consumed:
+            raise DataError(f"source {self.cfg.name!r}: cannot resume: the saved read position is past the data")
+
+    def close(self) -> None:
+        # Drop a half-read parquet iterator while pyarrow is still loaded (at interpreter exit it
+        # prints "Exception ignored ... ArrowInvalid" noise).
+        close = getattr(self._iter, "close", None)
+        self._iter = None
+        if close:
+            close()
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    for stream in list(_OPEN_STREAMS):
+        stream.close()
