@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: quickstart test bench clean-venv
+.PHONY: quickstart smoke test bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# A real (short) pretraining: tiny Doge, built-in offline corpus, a few minutes on 2 CPU cores.
 quickstart: $(STAMP)
+	$(PY) -m train
+
+# Every architecture's tiny preset: train a few steps, save, reload.
+smoke: $(STAMP)
 	$(PY) -m train.smoke
 
 # pytest exits 5 when it collected nothing: that fails too (a suite that ran nothing proves nothing).
@@ -26,6 +31,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m train.bench_models
+	$(PY) -m train.bench_data
+	$(PY) -m train.bench_parallel
 
 clean-venv:
 	rm -rf $(VENV)

@@ -444,7 +444,8 @@ def eval_batches(
     cfg: DataConfig, tokenizer: TextTokenizer, heldout: HeldOut, rank: int = 0, world_size: int = 1
 ) -> list[dict[str, torch.Tensor]]:
     """The held-out batches of this rank: the held-out documents packed in order, rows dealt out
-    to ranks round-robin, at most `eval.max_batches` batches per rank. The same every time."""
+    to ranks round-robin, at most `eval.max_batches` batches per rank (evenly spaced over the held-out
+    documents). The same every time."""
     width = cfg.seq_len + 1
     tokens, starts = [], []
     encoded = tokenizer.encode_batch([d for _, d in heldout.documents if isinstance(d, str)])
@@ -463,7 +464,10 @@ def eval_batches(
             f"the evaluation stream has {num_rows} rows of {cfg.seq_len} tokens for {world_size} ranks: hold out more "
             f"documents (data.eval.holdout_documents) or evaluate on fewer ranks"
         )
-    mine = np.arange(rank, num_rows, world_size)[: cfg.eval.max_batches * cfg.batch_size]
+    mine = np.arange(rank, num_rows, world_size)
+    limit = cfg.eval.max_batches * cfg.batch_size
+    if len(mine) > limit:  # spread over all held-out documents rather than the first few
+        mine = mine[np.linspace(0, len(mine) - 1, limit).round().astype(int)]
     index = mine[:, None] * cfg.seq_len + np.arange(width)[None, :]
     rows = {"tokens": stream[index], "starts": flags[index]}
     return [

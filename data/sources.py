@@ -74,9 +74,13 @@ def _configure_datasets() -> None:
 
 
 def stdlib_files() -> list[str]:
+    """The standard library's .py files in a fixed pseudo-random order (by a hash of the relative path).
+    Alphabetical order would stream whole packages in a row (dozens of near-identical codec tables in
+    `encodings/`), which is no way to train or to pick held-out documents."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    return sorted(str(p) for p in root.rglob("*.py") if not skip.intersection(p.parts))
+    files = [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)]
+    return [str(p) for p in sorted(files, key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).digest())]
 
 
 def _read_files(paths: list[str]):

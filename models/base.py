@@ -131,7 +131,8 @@ class CausalLM(nn.Module):
             loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels=shift_labels)
             if aux_loss is not None and self.aux_loss_coef:
                 loss = loss + self.aux_loss_coef * aux_loss.to(loss.device)
-        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
+        counts = torch.stack([s.expert_counts for s in stats]).detach() if stats else None
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, expert_counts=counts)
 
     # ------------------------------------------------------------------ tied embeddings
     def tied_weight_keys(self) -> set[str]:
@@ -184,6 +185,22 @@ class CausalLM(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> Path:
         return save_model_dir(self, self.config, directory, max_shard_bytes)
+
+    def active_parameters(self) -> int:
+        """Parameters one token's forward pass multiplies by: all but the embedding lookup, the LM head
+        included (even when tied). MoE architectures count only the experts a token uses."""
+        total = sum(p.numel() for n, p in self.named_parameters() if "embed_tokens" not in n)
+        if self.config.tie_word_embeddings:
+            total += self.lm_head.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's MFU: 6 per active
+        parameter plus 12 · layers · attention width · sequence length for the attention scores."""
+        c = self.config
+        head_dim = getattr(c, "head_dimension", None) or getattr(c, "head_dim", None) or getattr(c, "kv_channels")
+        attention = 12 * c.num_hidden_layers * c.num_attention_heads * head_dim * seq_len
+        return 6 * self.active_parameters() + attention
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         seen, total = set(), 0

@@ -323,6 +323,13 @@ class DogeForCausalLM(CausalLM):
     def aux_loss_coef(self) -> float:
         return self.config.router_aux_loss_coef
 
+    def active_parameters(self) -> int:
+        total = super().active_parameters()
+        if self.config.is_moe:  # a token reads k rows of each expert table, not all E
+            c = self.config
+            total -= c.num_hidden_layers * 2 * (c.num_experts - c.num_experts_per_tok) * c.hidden_size
+        return total
+
     def aux_loss(self, stats):
         # transformers 5.23: f_e is the share of all (layer, token, slot) picks, so it sums to 1
         return load_balancing_loss(stats, self.config.num_experts, self.config.num_experts_per_tok)

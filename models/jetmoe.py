@@ -225,6 +225,12 @@ class JetMoeForCausalLM(CausalLM):
     def aux_loss_coef(self) -> float:
         return self.config.aux_loss_coef
 
+    def active_parameters(self) -> int:
+        total = super().active_parameters()
+        experts = sum(m.weight.numel() for m in self.modules() if isinstance(m, Experts))
+        c = self.config
+        return total - experts + experts * c.num_experts_per_tok // c.num_local_experts
+
     def aux_loss(self, stats):
         # Every router (MoA and MoE of each layer) once; f_e sums to k, as in transformers' JetMoe loss.
         return load_balancing_loss(stats, self.config.num_local_experts, picks_per_token=1)

@@ -554,6 +554,7 @@ class CausalLMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    expert_counts: torch.Tensor | None = None  # (routers, experts) picks per expert, MoE models only
 
 
 def causal_lm_loss(

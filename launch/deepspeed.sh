@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One node under the deepspeed launcher (it passes --local_rank, which `python -m train` accepts).
+#   launch/deepspeed.sh parallel=zero3 experiment=doge-320m
+#   NUM_GPUS=4 launch/deepspeed.sh parallel=zero2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+if [ -z "${NUM_GPUS:-}" ]; then
+    NUM_GPUS=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))")
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the deepspeed launcher does not set it
+exec $PY -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
+    --module train "$@"

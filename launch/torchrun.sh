@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One node, N processes under torchrun (N = visible GPUs, or NPROC=..., or 1 on a CPU-only machine).
+#   launch/torchrun.sh experiment=doge-20m parallel=ddp
+#   NPROC=8 launch/torchrun.sh experiment=doge-160m parallel=zero2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+if [ -z "${NPROC:-}" ]; then
+    NPROC=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))")
+fi
+# torchrun sets OMP_NUM_THREADS=1 per rank when unset; on CPU give each rank its share of the cores
+if [ "$NPROC" -gt 0 ] && ! $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+fi
+exec $PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m train "$@"

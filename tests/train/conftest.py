@@ -1,0 +1,70 @@
+"""Helpers for trainer tests: run `python -m train` (or torchrun) in a subprocess, compose configs
+with Hydra's API, read metrics. Small settings so each run takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_DIR = str(REPO / "configs")
+FAST = [
+    "data.seq_len=64", "trainer.global_batch_size=8", "trainer.micro_batch_size=4", "trainer.progress=false",
+    "trainer.log_every=1", "data.eval.holdout_documents=8", "data.tokenizer.train_bytes=1000000",
+    "data.shuffle_buffer=16", "trainer.peak_flops=1e11",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One tokenizer cache for the whole session: the BPE is trained once."""
+    return tmp_path_factory.mktemp("smolpretrain-cache")
+
+
+@pytest.fixture()
+def env(cache_dir):
+    e = dict(os.environ)
+    e.update(SMOLPRETRAIN_CACHE=str(cache_dir), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(overrides: list[str], env: dict, nproc: int = 1, check: bool = True, timeout: int = 300):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "train", *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), "-m", "train", *overrides]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-20000:]}")
+    return proc
+
+
+def metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def losses(output_dir) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(output_dir) if "loss" in m}
+
+
+def compose(overrides: list[str]) -> dict:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
