@@ -198,7 +198,10 @@ def load(directory: Path, engine, loader, dist, checksums: bool = True) -> dict:
     """Restore engine, data loader and RNG state; returns state.json."""
     verify(directory, checksums)
     state = json.loads((directory / "trainer_state" / "state.json").read_text())
-    engine.load(directory / "trainer_state")
+    if state.get("optimizer_state", True):
+        engine.load(directory / "trainer_state")
+    else:
+        logger.warning("%s carries no optimizer state (see its state.json): the optimizer starts fresh", directory)
     rank_file = directory / "trainer_state" / f"rank-{dist.rank}.pt"
     if rank_file.is_file():
         per_rank = torch.load(rank_file, map_location="cpu", weights_only=True)
@@ -210,8 +213,3 @@ def load(directory: Path, engine, loader, dist, checksums: bool = True) -> dict:
     return state
 
 
-def load_model_weights(directory: Path, model) -> None:
-    """The model weights of a checkpoint (its Hugging Face files) into `model`."""
-    from models.checkpoint import load_weights_into, read_weights
-
-    load_weights_into(model, read_weights(directory), directory)

@@ -104,7 +104,14 @@ def run_from_hydra(cfg) -> dict:
     from .config import RunConfigError, validate
     from .loop import train
 
-    values = OmegaConf.to_container(cfg, resolve=True)
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", None) or str(exc)
+        print(f"error: {key} must be set (the chosen config leaves it open: ???); add {key}=... to the command", file=sys.stderr)
+        raise SystemExit(2) from None
     hydra_cfg = HydraConfig.get()
     if str(hydra_cfg.mode) == "RunMode.MULTIRUN":  # each point of a sweep gets its own directory
         values["trainer"]["output_dir"] = str(Path(values["trainer"]["output_dir"]) / str(hydra_cfg.job.num))

@@ -23,31 +23,10 @@ class RunConfigError(ValueError):
 # Groups
 
 
-@dataclass
-class SourceSchema:
-    name: str
-    path: Any
-    config: Optional[str] = None
-    split: str = "train"
-    text_column: str = "text"
-    weight: float = 1.0
-    fetch: Optional[str] = None
-    data_format: Optional[str] = None
-
-
-@dataclass
-class TokenizerSchema:
-    name_or_path: str = "bpe"
-    vocab_size: int = 8192
-    train_bytes: int = 20_000_000
-    cache_dir: Optional[str] = None
-
-
-@dataclass
-class EvalSchema:
-    holdout_documents: int = 64
-    sources: Optional[List[SourceSchema]] = None
-    max_batches: int = 8
+# The data package's own dataclasses are the schema of these parts (one definition, not two).
+SourceSchema = SourceConfig
+TokenizerSchema = TokenizerConfig
+EvalSchema = EvalConfig
 
 
 @dataclass
@@ -76,6 +55,10 @@ class OptimSchema:
     decay_also: List[str] = field(default_factory=list)
     grad_clip: float = 1.0
     fused: Optional[bool] = None  # torch AdamW's fused kernel (default: on for CUDA)
+    # After upcycling: for this many steps from the upcycled checkpoint, only parameters whose names
+    # contain one of `new_params` learn (the others get learning rate 0), then everything does.
+    new_params_only_steps: int = 0
+    new_params: List[str] = field(default_factory=lambda: ["router_gate", "down_embed", "up_embed"])
 
 
 @dataclass
@@ -262,6 +245,11 @@ def validate(values: dict) -> RunConfig:
         raise RunConfigError("trainer.micro_batch_size and trainer.global_batch_size must be >= 1")
     if t.max_steps < 1:
         raise RunConfigError(f"trainer.max_steps={t.max_steps} must be >= 1")
+    if schema.optim.new_params_only_steps and schema.trainer.resume in (None, "", "none", "null"):
+        raise RunConfigError(
+            "optim.new_params_only_steps continues an upcycled checkpoint: set trainer.resume to the directory "
+            "`python -m train.upcycle SRC DST ...` wrote"
+        )
     if not schema.data.sources:
         raise RunConfigError("data.sources is empty: choose a data group (e.g. data=builtin) or give sources")
     return RunConfig(
@@ -273,13 +261,9 @@ def validate(values: dict) -> RunConfig:
 def data_config(schema: DataSchema, micro_batch_size: int, seed: int) -> DataConfig:
     """The data package's config; the batch size comes from the trainer (stated once)."""
 
-    def source(s: SourceSchema) -> SourceConfig:
-        return SourceConfig(**dataclasses.asdict(s))
-
-    ev = schema.eval
     return DataConfig(
-        sources=[source(s) for s in schema.sources],
-        tokenizer=TokenizerConfig(**dataclasses.asdict(schema.tokenizer)),
+        sources=list(schema.sources),
+        tokenizer=schema.tokenizer,
         seq_len=schema.seq_len,
         batch_size=micro_batch_size,
         mixture_by=schema.mixture_by,
@@ -289,9 +273,5 @@ def data_config(schema: DataSchema, micro_batch_size: int, seed: int) -> DataCon
         read_batch=schema.read_batch,
         seed=seed,
         allow_new_order=schema.allow_new_order,
-        eval=EvalConfig(
-            holdout_documents=ev.holdout_documents,
-            sources=None if ev.sources is None else [source(s) for s in ev.sources],
-            max_batches=ev.max_batches,
-        ),
+        eval=schema.eval,
     )

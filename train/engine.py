@@ -4,7 +4,8 @@ which:
     engine.forward(batch)     -> model output (under the configured precision)
     engine.backward(loss)     gradients of Σ over ranks and micro-steps of `loss` (the loop passes this
                               rank's share of the step objective; each engine undoes its own averaging)
-    engine.step(lr)           -> (grad_norm, applied): clip, update, zero the gradients
+    engine.step(lr, only_new) -> (grad_norm, applied): clip, update, zero the gradients (only_new: the
+                              parameter groups tagged stage=old get learning rate 0)
     engine.save(dir) / engine.load(dir)      optimizer (and engine) state, collectively
     engine.export_state_dict()               full model weights (collective; every rank gets them)
 
@@ -69,9 +70,8 @@ class TorchEngine:
         self._sync.__exit__(None, None, None)
         self._micro += 1
 
-    def step(self, lr: float) -> tuple[float, bool]:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def step(self, lr: float, only_new: bool = False) -> tuple[float, bool]:
+        set_learning_rates(self.optimizer, lr, only_new)
         params = [p for p in self.module.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -81,16 +81,52 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return norm, applied
 
+    def _names(self) -> dict[int, str]:
+        return {id(p): name for name, p in self.module.named_parameters()}
+
     def save(self, directory: Path) -> None:
+        """The AdamW state keyed by parameter name (not by position), so that a checkpoint still loads
+        when the parameter groups change, or parameters are added (upcycling)."""
         if self.dist.is_main:  # replicated on every rank
-            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            names = self._names()
+            state = {names[id(p)]: self.optimizer.state[p] for g in self.optimizer.param_groups for p in g["params"]
+                     if p in self.optimizer.state}
+            torch.save({"format": "adamw-by-name", "state": state}, directory / "optimizer.pt")
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / "optimizer.pt", map_location=self.dist.device, weights_only=True)
-        self.optimizer.load_state_dict(state)
+        saved = torch.load(directory / "optimizer.pt", map_location=self.dist.device, weights_only=True)
+        if saved.get("format") != "adamw-by-name":
+            raise RuntimeError(f"{directory / 'optimizer.pt'}: not an optimizer state this trainer wrote")
+        load_optimizer_by_name(self.optimizer, self._names(), saved["state"])
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
+
+
+def set_learning_rates(optimizer, lr: float, only_new: bool) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0 if only_new and group.get("stage") == "old" else lr
+
+
+def load_optimizer_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str], saved: dict) -> None:
+    """Restore per-parameter AdamW state by name. A parameter the saved state does not know (a new
+    expert after upcycling) starts with zero moments at the saved step count, so its first updates are
+    damped like the others' rather than a full bias-corrected step."""
+    steps = [s["step"] for s in saved.values() if "step" in s]
+    step = max(steps, key=float) if steps else None
+    current = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
+    unknown = sorted(set(saved) - set(current))
+    if unknown:
+        raise RuntimeError(f"optimizer state for parameters this model does not have: {unknown[:5]}")
+    for name, param in current.items():
+        if name in saved:
+            optimizer.state[param] = {k: (v.to(param.device) if torch.is_tensor(v) else v) for k, v in saved[name].items()}
+        elif step is not None:
+            optimizer.state[param] = {
+                "step": step.clone() if torch.is_tensor(step) else step,
+                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            }
 
 
 def deepspeed_config(parallel_cfg, trainer_cfg, optim_cfg, accumulation: int) -> dict:
@@ -162,12 +198,11 @@ class DeepSpeedEngine:
             # which `step(lr)` below takes once the learning rate is set.
             self.engine.step()
 
-    def step(self, lr: float) -> tuple[float, bool]:
+    def step(self, lr: float, only_new: bool = False) -> tuple[float, bool]:
         bad = self.dist.any(self._bad)
-        for group in self.optimizer.param_groups:
-            # A non-finite step cannot be skipped inside DeepSpeed without desynchronising it: it is
-            # neutralised instead (zero gradients, zero learning rate).
-            group["lr"] = 0.0 if bad else lr
+        # A non-finite step cannot be skipped inside DeepSpeed without desynchronising it: it is
+        # neutralised instead (zero gradients, zero learning rate).
+        set_learning_rates(self.optimizer, 0.0 if bad else lr, only_new)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
@@ -178,6 +213,12 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
 
     def load(self, directory: Path) -> None:
+        if not (directory / "deepspeed").is_dir() and (directory / "optimizer.pt").is_file():
+            raise RuntimeError(
+                f"{directory.parent}: its optimizer state was written by the torch engine (a single process, DDP, or "
+                f"upcycling), which DeepSpeed cannot load. Resume it with parallel=ddp, or start from its weights with "
+                f"+model.init_from={directory.parent}"
+            )
         path, _ = self.engine.load_checkpoint(
             str(directory / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
         )

@@ -130,11 +130,15 @@ def _train(run: RunConfig, dist: Dist, config_dict: dict) -> dict:
 
     # ---- model
     resume_from = _resolve_resume(run, output_dir)
+    runtime = {f: getattr(run.model, f) for f in run.model.runtime_fields}
     if resume_from is not None:
-        model = models.model_class(run.model.model_type).build(run.model)
-        checkpoint.load_model_weights(resume_from, model)
+        # The checkpoint's config.json is the architecture (it may differ from the model group, e.g.
+        # after upcycling a dense model into a mixture of experts).
+        model = models.from_pretrained(resume_from, **runtime)
+        if model.config.to_hf_dict() != run.model.to_hf_dict():
+            logger.info("model architecture taken from %s/config.json (it differs from the model group)", resume_from)
     elif run.init_from:
-        model = models.from_pretrained(run.init_from, **{f: getattr(run.model, f) for f in run.model.runtime_fields})
+        model = models.from_pretrained(run.init_from, **runtime)
         if model.config.vocab_size < tokenizer.vocab_size:
             check_vocab(tokenizer, model.config.vocab_size)
         logger.info("weights from %s (a new run: fresh optimizer, schedule and data)", run.init_from)
@@ -152,7 +156,16 @@ def _train(run: RunConfig, dist: Dist, config_dict: dict) -> dict:
     state = {"step": 0, "tokens": 0, "bad_steps": 0, "run_id": uuid.uuid4().hex[:12], "schedule": None}
     if resume_from is not None:
         state.update(checkpoint.load(resume_from, engine, loader, dist, t.verify_checksums))
+        state.pop("optimizer_state", None)  # from here on, checkpoints carry the optimizer
         logger.info("resumed from %s at step %d", resume_from, state["step"])
+    upcycled_at = state.get("upcycled_at")
+    only_new_until = (upcycled_at or 0) + run.optim.new_params_only_steps
+    if run.optim.new_params_only_steps and upcycled_at is None:
+        raise RunConfigError(
+            f"optim.new_params_only_steps={run.optim.new_params_only_steps}, but "
+            f"{resume_from or 'this run'} does not continue an upcycled checkpoint (python -m train.upcycle)")
+    if run.optim.new_params_only_steps and dist.is_main:
+        logger.info("training only %s until step %d, then everything", run.optim.new_params, only_new_until)
     branch = run.scheduler.branch_decay_steps is not None and resume_from is not None
     if run.scheduler.branch_decay_steps is not None and resume_from is None:
         raise RunConfigError("scheduler.branch_decay_steps starts a decay branch from a checkpoint: set trainer.resume")
@@ -211,7 +224,7 @@ def _train(run: RunConfig, dist: Dist, config_dict: dict) -> dict:
         while step < max_steps:
             lr = schedule(step)
             micro = [{k: v.to(dist.device, non_blocking=True) for k, v in next(batches).items()} for _ in range(accumulation)]
-            result = train_step(engine, micro, lr, dist, aux_coef)
+            result = train_step(engine, micro, lr, dist, aux_coef, only_new=step < only_new_until)
             ce_sum, aux_sum, expert_counts, grad_norm, applied = result
             ce_total, aux_total = dist.sum(ce_sum, aux_sum)
             step += 1
@@ -269,7 +282,7 @@ def _train(run: RunConfig, dist: Dist, config_dict: dict) -> dict:
     return {"step": step, "losses": losses, "checkpoint": last_checkpoint, "start_step": start_step}
 
 
-def train_step(engine, micro_batches: list[dict], lr: float, dist: Dist, aux_coef: float):
+def train_step(engine, micro_batches: list[dict], lr: float, dist: Dist, aux_coef: float, only_new: bool = False):
     """One optimizer step over this rank's micro-batches (see the module docstring for the objective).
     Returns (this rank's summed cross-entropy share, summed aux loss, expert pick counts, grad norm,
     whether the update was applied)."""
@@ -290,7 +303,7 @@ def train_step(engine, micro_batches: list[dict], lr: float, dist: Dist, aux_coe
             expert_counts = out.expert_counts if expert_counts is None else expert_counts + out.expert_counts
         engine.backward(objective)
         ce_sum += float(ce.detach())
-    grad_norm, applied = engine.step(lr)
+    grad_norm, applied = engine.step(lr, only_new)
     return ce_sum, aux_sum, expert_counts, grad_norm, applied
 
 

@@ -34,23 +34,31 @@ def category(name: str, param: torch.Tensor) -> str:
     return "weights"
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, decay_also=()) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, decay_also=(), new_params=()) -> list[dict]:
+    """Decay / no-decay groups; with `new_params` (name substrings) each is split further into the
+    parameters that are new (e.g. upcycled experts) and the rest, tagged `stage: new | old`."""
     unknown = set(decay_also) - set(NO_DECAY_CATEGORIES)
     if unknown:
         raise ValueError(f"optim.decay_also has {sorted(unknown)}; choose from {list(NO_DECAY_CATEGORIES)}")
-    decay, no_decay, seen = [], [], set()
+    groups: dict[tuple[bool, str], list] = {}
+    seen = set()
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
             continue  # a tied parameter appears once
         seen.add(id(param))
         kind = category(name, param)
-        (decay if kind == "weights" or kind in decay_also else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decayed = kind == "weights" or kind in decay_also
+        stage = "new" if any(pattern in name for pattern in new_params) else "old"
+        groups.setdefault((decayed, stage), []).append(param)
+    return [
+        {"params": params, "weight_decay": weight_decay if decayed else 0.0, "stage": stage}
+        for (decayed, stage), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
     """cfg: an OptimSchema."""
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
-    groups = parameter_groups(model, cfg.weight_decay, cfg.decay_also)
+    new = cfg.new_params if cfg.new_params_only_steps > 0 else ()
+    groups = parameter_groups(model, cfg.weight_decay, cfg.decay_also, new)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)

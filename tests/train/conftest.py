@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,22 +29,18 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture()
 def env(cache_dir):
     e = dict(os.environ)
-    e.update(SMOLPRETRAIN_CACHE=str(cache_dir), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
+    e.update(SMOLPRETRAIN_CACHE=str(cache_dir), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu",
+             PYTHONFAULTHANDLER="1")  # a crashing rank prints where it was
     return e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_train(overrides: list[str], env: dict, nproc: int = 1, check: bool = True, timeout: int = 300):
     if nproc == 1:
         cmd = [sys.executable, "-m", "train", *overrides]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), "-m", "train", *overrides]
+        # --standalone: torchrun picks a free port itself (no race between choosing one and binding it)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "train", *overrides]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-20000:]}")

@@ -13,7 +13,7 @@ from train.engine import deepspeed_config
 
 from .conftest import CONFIG_DIR, compose, run_train
 
-EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml") if "upcycle" not in p.stem)
 PARALLEL = sorted(p.stem for p in (Path(CONFIG_DIR) / "parallel").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
 
@@ -30,6 +30,14 @@ def test_experiments_compose_and_validate(experiment):
     assert run.trainer.precision == "bf16" and run.data.seq_len == 2048
     assert run.optim.betas == [0.9, 0.95] and run.optim.weight_decay == 0.01 and run.optim.grad_clip == 1.0
     assert run.scheduler.name == "wsd" and run.scheduler.warmup == 0.1 and run.scheduler.decay == 0.1
+
+
+def test_upcycling_experiment():
+    with pytest.raises(RunConfigError, match=r"set trainer.resume to the directory `python -m train.upcycle"):
+        validate(compose(["experiment=doge-20m-moe-upcycle"]))
+    run = validate(compose(["experiment=doge-20m-moe-upcycle", "trainer.resume=somewhere"]))
+    assert run.model.is_moe and run.model.num_experts == 1024 and run.model.num_experts_per_tok == 16
+    assert run.optim.new_params_only_steps == 200 and run.scheduler.warmup == 800 and run.optim.lr == 8e-3
 
 
 def test_doge_recipes_as_published():
