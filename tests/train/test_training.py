@@ -179,3 +179,18 @@ def test_wandb_offline_resume_continues_the_run(tmp_path, env):
     run_train([*common, "trainer.max_steps=3", "trainer.resume=auto"], {**env, "WANDB_MODE": "offline"})
     runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 2  # both processes logged to the same run id
+
+
+@pytest.mark.parametrize("option,tolerance", [("trainer.activation_checkpointing=true", 1e-5),
+                                              ("trainer.precision=bf16", 0.05)])
+def test_options_train_the_same_run(tmp_path, cache_dir, monkeypatch, option, tolerance):
+    """Activation checkpointing recomputes the same numbers; bf16 autocast stays close to fp32."""
+    from train.config import validate
+    from train.loop import train
+
+    from .conftest import compose
+
+    monkeypatch.setenv("SMOLPRETRAIN_CACHE", str(cache_dir))
+    plain = train(validate(compose([*FAST, "trainer.max_steps=3", f"trainer.output_dir={tmp_path / 'a'}"])))
+    other = train(validate(compose([*FAST, "trainer.max_steps=3", f"trainer.output_dir={tmp_path / 'b'}", option])))
+    assert max(abs(a - b) for a, b in zip(plain["losses"], other["losses"])) <= tolerance
