@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .pretokenize import PretokenizedStream, is_pretokenized
-from .sources import DataError, DocumentStream, SourceConfig, text_hash
+from .sources import DataError, DocumentStream, SourceConfig, doc_hash
 from .tokenizer import TextTokenizer, TokenizerConfig, default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -96,12 +96,6 @@ def open_stream(source: SourceConfig, node=0, num_nodes=1, read_batch=64, exclud
 
         fetcher = SoftwareHeritageFetcher(default_cache_dir() / "softwareheritage")
     return DocumentStream(source, node, num_nodes, read_batch, set(exclude), endless, fetcher)
-
-
-def doc_hash(doc) -> bytes:
-    if isinstance(doc, str):
-        return text_hash(doc)
-    return hashlib.blake2b(np.asarray(doc).tobytes(), digest_size=8).digest()
 
 
 # ---------------------------------------------------------------------------------------------------

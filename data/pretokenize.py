@@ -142,8 +142,6 @@ class PretokenizedStream:
         return np.asarray(self._tokens[shard][start:end])
 
     def next_document(self):
-        from .pipeline import doc_hash
-
         while True:
             if self.cursor >= self._mine:
                 if not self.endless:
@@ -151,14 +149,8 @@ class PretokenizedStream:
                 self.epoch, self.cursor = self.epoch + 1, 0
             doc = self._document(self.node + self.cursor * self.num_nodes)
             self.cursor += 1
-            if len(doc) == 0:
-                self.stats.skipped_empty += 1
-                continue
-            if self.exclude and doc_hash(doc) in self.exclude:
-                self.stats.skipped_heldout += 1
-                continue
-            self.stats.documents += 1
-            return doc
+            if self.stats.admit(doc, self.exclude):
+                return doc
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "stats": self.stats.as_dict()}

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_PYTHON_STDLIB = "builtin:python-stdlib"
@@ -58,6 +60,13 @@ class SourceConfig:
 
 def text_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
+
+
+def doc_hash(doc) -> bytes:
+    """Content hash of a document: its text, or its token ids (pre-tokenized sources)."""
+    if isinstance(doc, str):
+        return text_hash(doc)
+    return hashlib.blake2b(np.asarray(doc).tobytes(), digest_size=8).digest()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,6 +214,21 @@ class StreamStats:
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def admit(self, doc, exclude) -> bool:
+        """Whether a document is trained on; skips (unfetchable, empty or whitespace-only, held out
+        for evaluation) are counted."""
+        if doc is None:
+            self.skipped_fetch += 1
+            return False
+        if not doc.strip() if isinstance(doc, str) else len(doc) == 0:
+            self.skipped_empty += 1
+            return False
+        if exclude and doc_hash(doc) in exclude:
+            self.skipped_heldout += 1
+            return False
+        self.documents += 1
+        return True
+
 
 @dataclass(eq=False)
 class DocumentStream:
@@ -275,19 +299,9 @@ class DocumentStream:
             while self._consumed < len(self._pending):
                 doc = self._pending[self._consumed]
                 self._consumed += 1
-                if doc is None:
-                    self.stats.skipped_fetch += 1
-                    continue
-                if isinstance(doc, str):
-                    if not doc.strip():
-                        self.stats.skipped_empty += 1
-                        continue
-                    if self.exclude and text_hash(doc) in self.exclude:
-                        self.stats.skipped_heldout += 1
-                        continue
-                self.stats.documents += 1
-                self._documents_this_epoch += 1
-                return doc
+                if self.stats.admit(doc, self.exclude):
+                    self._documents_this_epoch += 1
+                    return doc
             if self._read_batch():
                 continue
             if not self.endless:

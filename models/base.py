@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_weights_into, read_config_json, read_weights, resolve_model_dir, save_model_dir
+from .checkpoint import (
+    CheckpointError,
+    load_weights_into,
+    read_config_json,
+    read_weights,
+    resolve_model_dir,
+    save_model_dir,
+)
 from .configuration import ModelConfig
 from .layers import (
     CausalLMOutput,
@@ -213,8 +220,6 @@ class CausalLM(nn.Module):
 
 
 def raise_wrong_type(directory: Path, model_type, supported) -> None:
-    from .checkpoint import CheckpointError
-
     raise CheckpointError(
         f"{directory / 'config.json'}: model_type {model_type!r} is not supported here; supported: {sorted(supported)}"
     )

@@ -194,9 +194,9 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load(directory: Path, engine, loader, dist, checksums: bool = True) -> dict:
-    """Restore engine, data loader and RNG state; returns state.json."""
-    verify(directory, checksums)
+def load(directory: Path, engine, loader, dist) -> dict:
+    """Restore engine, data loader and RNG state; returns state.json. The caller has checked the
+    checkpoint (`verify` / `find_resumable`): hashing it again would read every file twice."""
     state = json.loads((directory / "trainer_state" / "state.json").read_text())
     if state.get("optimizer_state", True):
         engine.load(directory / "trainer_state")

@@ -124,7 +124,6 @@ def _train(run: RunConfig, dist: Dist, config_dict: dict) -> dict:
     dcfg = data_config(run.data, t.micro_batch_size, t.seed)
     heldout = HeldOut(dcfg)
     tokenizer = build_tokenizer(dcfg.tokenizer, dcfg.sources, heldout.exclude)
-    check_vocab(tokenizer, run.model.vocab_size)
     loader = TokenLoader(dcfg, tokenizer, dist.rank, dist.world_size, heldout)
     evaluation = eval_batches(dcfg, tokenizer, heldout, dist.rank, dist.world_size) if t.eval_every else []
 
@@ -139,12 +138,11 @@ def _train(run: RunConfig, dist: Dist, config_dict: dict) -> dict:
             logger.info("model architecture taken from %s/config.json (it differs from the model group)", resume_from)
     elif run.init_from:
         model = models.from_pretrained(run.init_from, **runtime)
-        if model.config.vocab_size < tokenizer.vocab_size:
-            check_vocab(tokenizer, model.config.vocab_size)
         logger.info("weights from %s (a new run: fresh optimizer, schedule and data)", run.init_from)
     else:
         model = models.build(run.model)
-    model_config = model.config  # with init_from, the architecture comes from that directory
+    model_config = model.config  # resumed or init_from: the architecture comes from that directory
+    check_vocab(tokenizer, model_config.vocab_size)
     if t.activation_checkpointing:
         _apply_activation_checkpointing(model)
     if t.compile:
@@ -153,9 +151,10 @@ def _train(run: RunConfig, dist: Dist, config_dict: dict) -> dict:
     engine = build_engine(run, model, dist, accumulation)
 
     # ---- state
-    state = {"step": 0, "tokens": 0, "bad_steps": 0, "run_id": uuid.uuid4().hex[:12], "schedule": None}
+    state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_steps": 0, "run_id": uuid.uuid4().hex[:12],
+             "schedule": None}
     if resume_from is not None:
-        state.update(checkpoint.load(resume_from, engine, loader, dist, t.verify_checksums))
+        state.update(checkpoint.load(resume_from, engine, loader, dist))
         state.pop("optimizer_state", None)  # from here on, checkpoints carry the optimizer
         logger.info("resumed from %s at step %d", resume_from, state["step"])
     upcycled_at = state.get("upcycled_at")
@@ -230,7 +229,6 @@ def _train(run: RunConfig, dist: Dist, config_dict: dict) -> dict:
             step += 1
             finite = applied and math.isfinite(ce_total)
             state["bad_steps"] = 0 if finite else state["bad_steps"] + 1
-            state.setdefault("skipped_steps", 0)
             if not finite:
                 state["skipped_steps"] += 1
                 logger.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped",

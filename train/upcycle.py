@@ -98,7 +98,7 @@ def _is_training_checkpoint(directory: Path) -> bool:
     return (directory / "trainer_state" / "state.json").is_file()
 
 
-def _convert_trainer_state(src: Path, tmp: Path, dense, moe) -> bool:
+def _convert_trainer_state(src: Path, tmp: Path, moe) -> bool:
     """Copy the training state; returns whether optimizer state came along."""
     (tmp / "trainer_state").mkdir(parents=True)
     state = json.loads((src / "trainer_state" / "state.json").read_text())
@@ -162,7 +162,7 @@ def upcycle(src, dst, num_experts: int, top_k: int, init: str = "zero", std: flo
         carried = False
         training = _is_training_checkpoint(src_dir) and not weights_only
         if training:
-            carried = _convert_trainer_state(src_dir, tmp, dense, moe)
+            carried = _convert_trainer_state(src_dir, tmp, moe)
             ckpt.write_manifest(tmp, checksums=True)
         if dst.exists():
             shutil.rmtree(dst)
