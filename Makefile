@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: quickstart smoke test bench clean-venv
+.PHONY: quickstart test bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,6 @@ $(STAMP): pyproject.toml
 # A real (short) pretraining: tiny Doge, built-in offline corpus, a few minutes on 2 CPU cores.
 quickstart: $(STAMP)
 	$(PY) -m train
-
-# Every architecture's tiny preset: train a few steps, save, reload.
-smoke: $(STAMP)
-	$(PY) -m train.smoke
 
 # pytest exits 5 when it collected nothing: that fails too (a suite that ran nothing proves nothing).
 test: $(STAMP)

@@ -4,6 +4,10 @@
     models.from_pretrained(path)     load a Hugging Face directory or hub id (ours or transformers')
     model.save_pretrained(path)      write config.json + model.safetensors
     model(input_ids, labels=None, attention_mask=None, position_ids=None) -> .logits, .loss, .aux_loss
+
+Modules: layers (norm, RoPE, MLPs, init), attention (masks and kernels), moe (routing, dispatch,
+router statistics), loss (the objective), base (the decoder-layer contract and CausalLM), one file
+per architecture, checkpoint / configuration (Hugging Face I/O).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import os
 
 import torch
 
-from .base import CausalLM, raise_wrong_type
+from .base import CausalLM, DecoderLayer, raise_wrong_type
 from .checkpoint import CheckpointError, read_config_json, resolve_model_dir
 from .configuration import ConfigError, ModelConfig, _plain
 from .doge import DogeConfig, DogeForCausalLM
@@ -59,7 +63,7 @@ def from_pretrained(name_or_path: str | os.PathLike, device=None, dtype=torch.fl
 
 
 __all__ = [
-    "ARCHITECTURES", "CausalLM", "CheckpointError", "ConfigError", "DogeConfig", "DogeForCausalLM",
+    "ARCHITECTURES", "CausalLM", "CheckpointError", "DecoderLayer", "ConfigError", "DogeConfig", "DogeForCausalLM",
     "Glm4Config", "Glm4ForCausalLM", "JetMoeConfig", "JetMoeForCausalLM",
     "build", "from_pretrained", "make_config", "model_class",
 ]

@@ -1,5 +1,19 @@
-"""What every causal LM here shares: construction, the LM head and loss, tied embeddings, and
-Hugging Face checkpoint I/O. Architectures subclass `CausalLM` and supply the decoder stack."""
+"""What every causal LM here shares: the decoder-layer contract, construction, the LM head and the
+objective, tied embeddings, and Hugging Face checkpoint I/O. Architectures subclass `DecoderLayer`
+(one block of their maths) and `CausalLM` (which layers, which routers).
+
+The decoder-layer contract is tensors only, so a layer runs the same wherever it is placed (one
+process, a pipeline stage, behind activation checkpointing or torch.compile):
+
+    layer(hidden, position_ids, segment_ids=None, router_stats=None)
+        -> (hidden, position_ids, segment_ids, router_stats)
+
+The layer rebuilds its rotary tables and attention mask from the position and segment ids
+(`models.attention`) and writes its routers' statistics into its rows of `router_stats`
+(`models.moe`); the head turns all rows into the aux loss. Layers sit in a ModuleDict keyed by their
+global index, and the embedding, final norm and LM head may be absent (a pipeline stage holds some
+layers only): a stage's state_dict keys are the full model's keys.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .attention import VisibilityMask, layer_inputs
 from .checkpoint import (
     CheckpointError,
     load_weights_into,
@@ -19,86 +34,69 @@ from .checkpoint import (
     save_model_dir,
 )
 from .configuration import ModelConfig
-from .layers import (
-    CausalLMOutput,
-    RMSNorm,
-    RotaryEmbedding,
-    RouterStats,
-    VisibilityMask,
-    causal_lm_loss,
-    init_normal,
-    segments_from_positions,
-)
+from .layers import CausalLMOutput, RMSNorm, RotaryEmbedding, init_normal
+from .loss import count_targets, cross_entropy_sum, objective, shift_labels_of
+from .moe import RouterStats, expert_counts, new_router_stats, record_router_stats
 
 logger = logging.getLogger(__name__)
 
 
-class DecoderModel(nn.Module):
-    """embed_tokens -> decoder layers -> norm, with transformers' key names (`model.*`).
+class DecoderLayer(nn.Module):
+    """One decoder layer under the tensor-only contract (see the module docstring). Subclasses set
+    `num_routers` (routers per layer, 0 for dense) and implement `block`, the layer's maths:
 
-    Builds what every layer needs once per forward: the rotary cos/sin tables and the visibility mask.
-    Each layer is called as `layer(x, cos, sin, mask, token_mask)` and returns `(x, router_stats)`, a
-    (possibly empty) list of `RouterStats` from its routers."""
+        block(x, rope=(cos, sin), mask=VisibilityMask) -> (x, [RouterStats of each router])
+    """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        hidden_size: int,
-        pad_token_id: int | None,
-        layers: list[nn.Module],
-        norm_eps: float,
-        rotary_emb: RotaryEmbedding,
-        sliding_window: int | None = None,
-    ):
+    def __init__(self, layer_index: int, rotary_emb: RotaryEmbedding, sliding_window: int | None = None,
+                 num_routers: int = 0):
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab_size, hidden_size, pad_token_id)
-        self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(hidden_size, eps=norm_eps)
+        self.layer_index = layer_index
+        # Each layer computes its own cos/sin from the position ids it is given (the frequencies are a
+        # non-persistent buffer: nothing of it is in a checkpoint).
         self.rotary_emb = rotary_emb
         self.sliding_window = sliding_window
+        self.num_routers = num_routers
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None) -> tuple[torch.Tensor, list[RouterStats]]:
-        x = self.embed_tokens(input_ids)
-        segments = None
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        elif attention_mask is None:
-            # Packed documents, as transformers treats them without a cache: positions that restart
-            # start a new segment, and attention stays within segments.
-            segments = segments_from_positions(position_ids.expand(input_ids.shape[0], -1))
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
-        padding = None if attention_mask is None else attention_mask.bool()
-        # One host sync per forward (not per layer): an all-ones mask would otherwise cost every layer
-        # the SDPA causal fast path.
-        if padding is not None and bool(padding.all()):
-            padding = None
-        mask = VisibilityMask(key_padding=padding, sliding_window=self.sliding_window, segment_ids=segments)
-        stats: list[RouterStats] = []
-        for layer in self.layers:
-            x, layer_stats = layer(x, cos, sin, mask, attention_mask)
-            stats.extend(layer_stats)
-        return self.norm(x), stats
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                router_stats: torch.Tensor | None = None):
+        rope = self.rotary_emb(position_ids, hidden.dtype)
+        mask = VisibilityMask(segment_ids=segment_ids, sliding_window=self.sliding_window)
+        hidden, stats = self.block(hidden, rope, mask)
+        for j, router in enumerate(stats):
+            router_stats = record_router_stats(router_stats, self.layer_index * self.num_routers + j, router)
+        return hidden, position_ids, segment_ids, router_stats
+
+    def block(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: VisibilityMask
+              ) -> tuple[torch.Tensor, list[RouterStats]]:
+        raise NotImplementedError
+
+
+class DecoderModel(nn.Module):
+    """The container of transformers' `model.*` keys: embed_tokens, layers (by global index), norm.
+    `CausalLM` runs them; any of them may be absent on a pipeline stage."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, pad_token_id: int | None, layers: list[DecoderLayer],
+                 norm_eps: float):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size, pad_token_id)
+        self.layers = nn.ModuleDict({str(layer.layer_index): layer for layer in layers})
+        self.norm = RMSNorm(hidden_size, eps=norm_eps)
 
 
 class CausalLM(nn.Module):
-    """`self.model` (a `DecoderModel`) returns hidden states and router statistics; `self.lm_head`
-    turns hidden states into logits. Key names follow transformers (`model.*`, `lm_head.*`)."""
+    """`self.model` (a `DecoderModel`) holds the embedding, the layers and the final norm;
+    `self.lm_head` turns hidden states into logits. Key names follow transformers (`model.*`,
+    `lm_head.*`). The forward pass is `head(decoder(*embed(...)))`; a pipeline stage calls the pieces
+    it holds."""
 
     config_class: type[ModelConfig] = ModelConfig
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        layers: list[nn.Module],
-        rotary_emb: RotaryEmbedding,
-        sliding_window: int | None = None,
-    ):
+    def __init__(self, config: ModelConfig, layers: list[DecoderLayer]):
         super().__init__()
         self.config = config
-        self.model = DecoderModel(
-            config.vocab_size, config.hidden_size, config.pad_token_id, layers,
-            norm_eps=config.rms_norm_eps, rotary_emb=rotary_emb, sliding_window=sliding_window,
-        )
+        self.model = DecoderModel(config.vocab_size, config.hidden_size, config.pad_token_id, layers,
+                                  norm_eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
@@ -107,7 +105,11 @@ class CausalLM(nn.Module):
     def aux_loss_coef(self) -> float:
         return 0.0
 
-    def aux_loss(self, stats: list[RouterStats]) -> torch.Tensor | None:
+    def router_stats_shape(self) -> tuple[int, int] | None:
+        """(routers in the whole model, experts per router) for MoE architectures, else None."""
+        return None
+
+    def aux_loss(self, router_stats: torch.Tensor) -> torch.Tensor | None:
         """The load-balancing loss from all routers' statistics (MoE architectures)."""
         return None
 
@@ -116,37 +118,66 @@ class CausalLM(nn.Module):
         """transformers' init for this architecture. Subclasses add their own extras after this."""
         init_normal(self, self.config.initializer_range or 0.02)
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ forward, in pieces
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None):
+        """The first layer's inputs: (hidden, position_ids, segment_ids, router_stats)."""
+        position_ids, segment_ids = layer_inputs(input_ids, attention_mask, position_ids)
+        hidden = self.model.embed_tokens(input_ids)
+        shape = self.router_stats_shape()
+        router_stats = None if shape is None else new_router_stats(*shape, device=hidden.device)
+        return hidden, position_ids, segment_ids, router_stats
+
+    def decoder(self, hidden, position_ids, segment_ids=None, router_stats=None):
+        """The layers this module holds, in order of their global index."""
+        for layer in self.model.layers.values():
+            hidden, position_ids, segment_ids, router_stats = layer(hidden, position_ids, segment_ids, router_stats)
+        return hidden, position_ids, segment_ids, router_stats
+
+    def head(self, hidden: torch.Tensor, router_stats: torch.Tensor | None = None,
+             shift_labels: torch.Tensor | None = None, num_items_in_batch=None, aux_weight: float = 1.0
+             ) -> CausalLMOutput:
+        """Final norm, logits, and (with labels) the objective of `models.loss`."""
+        logits = self.lm_head(self.model.norm(hidden))
+        aux = None if router_stats is None else self.aux_loss(router_stats)
+        counts = None if router_stats is None else expert_counts(router_stats).detach()
+        loss = cross_entropy = None
+        if shift_labels is not None:
+            if num_items_in_batch is None:
+                num_items_in_batch = count_targets(shift_labels)
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(logits.device)
+            cross_entropy = cross_entropy_sum(logits, shift_labels) / num_items_in_batch
+            loss = objective(cross_entropy, aux, self.aux_loss_coef, aux_weight)
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux, cross_entropy=cross_entropy,
+                              expert_counts=counts)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        num_items_in_batch: int | torch.Tensor | None = None,
         shift_labels: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        aux_weight: float = 1.0,
     ) -> CausalLMOutput:
         """input_ids (B, S); labels (B, S) unshifted, -100 = ignore, or shift_labels (B, S) already
         shifted (target of position t); attention_mask (B, S) 1 = real token; position_ids (B or 1, S),
         default 0..S-1 (restarting positions mark packed documents, which then do not attend to each
-        other). `loss` includes `aux_loss_coef * aux_loss` when the model has one."""
-        hidden, stats = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        aux_loss = self.aux_loss(stats) if stats else None
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None or shift_labels is not None:
-            loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels=shift_labels)
-            if aux_loss is not None and self.aux_loss_coef:
-                loss = loss + self.aux_loss_coef * aux_loss.to(loss.device)
-        counts = torch.stack([s.expert_counts for s in stats]).detach() if stats else None
-        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, expert_counts=counts)
+        other). With labels, `loss` is the objective of `models.loss` (cross-entropy over
+        `num_items_in_batch` targets, default this batch's, plus aux_coef · aux_weight · aux_loss)."""
+        if labels is not None and shift_labels is None:
+            shift_labels = shift_labels_of(labels)
+        hidden, _, _, router_stats = self.decoder(*self.embed(input_ids, attention_mask, position_ids))
+        return self.head(hidden, router_stats, shift_labels, num_items_in_batch, aux_weight)
 
     # ------------------------------------------------------------------ tied embeddings
     def tied_weight_keys(self) -> set[str]:
         return {"lm_head.weight"} if self.config.tie_word_embeddings else set()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # ------------------------------------------------------------------ construction

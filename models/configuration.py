@@ -155,7 +155,8 @@ class ModelConfig:
 
     def _validate_shared(self) -> None:
         """Checks every architecture needs: RoPE parameters, attention backend, activation."""
-        from .layers import ACTIVATIONS, ATTENTION_BACKENDS, validate_rope_parameters
+        from .attention import ATTENTION_BACKENDS
+        from .layers import ACTIVATIONS, validate_rope_parameters
 
         if hasattr(self, "rope_parameters"):
             self.rope_parameters = {**self.rope_defaults, **(self.rope_parameters or {})}

@@ -32,21 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CausalLM
+from .attention import VisibilityMask, attention, split_heads
+from .base import CausalLM, DecoderLayer
 from .configuration import ModelConfig
-from .layers import (
-    GatedMLP,
-    RMSNorm,
-    RotaryEmbedding,
-    RouterStats,
-    VisibilityMask,
-    activation,
-    apply_rope_half,
-    attention,
-    count_picks,
-    load_balancing_loss,
-    split_heads,
-)
+from .layers import GatedMLP, RMSNorm, RotaryEmbedding, activation, apply_rope_half
+from .moe import RouterStats, count_picks, load_balancing_loss
 
 ROUTER_LAYOUTS = ("per_token", "transformers")
 
@@ -169,8 +159,9 @@ class DynamicMaskAttention(nn.Module):
         self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: VisibilityMask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: VisibilityMask) -> torch.Tensor:
         B, L, _ = x.shape
+        cos, sin = rope
         # q/k RMSNorm per head (over head_dim), before RoPE
         q = self.q_norm(split_heads(self.q_proj(x), self.head_dim))
         k = self.k_norm(split_heads(self.k_proj(x), self.head_dim))
@@ -279,9 +270,14 @@ class CrossDomainMoE(GatedMLP):
 # Decoder
 
 
-class DogeDecoderLayer(nn.Module):
-    def __init__(self, config: DogeConfig):
-        super().__init__()
+class DogeDecoderLayer(DecoderLayer):
+    def __init__(self, config: DogeConfig, layer_index: int):
+        super().__init__(
+            layer_index,
+            RotaryEmbedding(config.rope_parameters, config.head_dimension, config.max_position_embeddings),
+            sliding_window=config.sliding_window,
+            num_routers=1 if config.is_moe else 0,
+        )
         D = config.hidden_size
         self.hidden_dropout = config.hidden_dropout
         self.input_layernorm = RMSNorm(D, eps=config.rms_norm_eps)
@@ -294,14 +290,14 @@ class DogeDecoderLayer(nn.Module):
             self.mlp = GatedMLP(D, config.intermediate_size, config.hidden_act, config.mlp_bias)
         self.post_attention_residual = nn.Parameter(torch.ones(D))
 
-    def forward(self, x, cos, sin, mask: VisibilityMask, token_mask=None):
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def block(self, x, rope, mask: VisibilityMask):
+        a = self.self_attn(self.input_layernorm(x), rope, mask)
         x = self.input_residual * x + F.dropout(a, self.hidden_dropout, self.training)
         h = self.post_attention_layernorm(x)
         stats = []
         if isinstance(self.mlp, CrossDomainMoE):
-            y, layer_stats = self.mlp(h, token_mask)
-            stats.append(layer_stats)
+            y, router = self.mlp(h, mask.token_mask)
+            stats.append(router)
         else:
             y = self.mlp(h)
         x = self.post_attention_residual * x + F.dropout(y, self.hidden_dropout, self.training)
@@ -312,12 +308,7 @@ class DogeForCausalLM(CausalLM):
     config_class = DogeConfig
 
     def __init__(self, config: DogeConfig):
-        super().__init__(
-            config,
-            layers=[DogeDecoderLayer(config) for _ in range(config.num_hidden_layers)],
-            rotary_emb=RotaryEmbedding(config.rope_parameters, config.head_dimension, config.max_position_embeddings),
-            sliding_window=config.sliding_window,
-        )
+        super().__init__(config, layers=[DogeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
 
     @property
     def aux_loss_coef(self) -> float:
@@ -330,14 +321,17 @@ class DogeForCausalLM(CausalLM):
             total -= c.num_hidden_layers * 2 * (c.num_experts - c.num_experts_per_tok) * c.hidden_size
         return total
 
-    def aux_loss(self, stats):
+    def router_stats_shape(self):
+        return (self.config.num_hidden_layers, self.config.num_experts) if self.config.is_moe else None
+
+    def aux_loss(self, router_stats):
         # transformers 5.23: f_e is the share of all (layer, token, slot) picks, so it sums to 1
-        return load_balancing_loss(stats, self.config.num_experts, self.config.num_experts_per_tok)
+        return load_balancing_loss(router_stats, self.config.num_experts_per_tok)
 
     @torch.no_grad()
     def init_weights(self) -> None:
         super().init_weights()
-        for layer in self.model.layers:
+        for layer in self.model.layers.values():
             layer.self_attn.A.zero_()
             layer.input_residual.fill_(1.0)
             layer.post_attention_residual.fill_(1.0)

@@ -21,17 +21,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .base import CausalLM
+from .attention import VisibilityMask, attention, split_heads
+from .base import CausalLM, DecoderLayer
 from .configuration import ModelConfig
-from .layers import (
-    FusedGatedMLP,
-    RMSNorm,
-    RotaryEmbedding,
-    VisibilityMask,
-    apply_rope_interleaved,
-    attention,
-    split_heads,
-)
+from .layers import FusedGatedMLP, RMSNorm, RotaryEmbedding, apply_rope_interleaved
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +107,9 @@ class Glm4Attention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * hd, bias=config.attention_bias)
         self.o_proj = nn.Linear(H * hd, D, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: VisibilityMask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: VisibilityMask) -> torch.Tensor:
         B, L, _ = x.shape
+        cos, sin = rope
         q = apply_rope_interleaved(split_heads(self.q_proj(x), self.head_dim), cos, sin)
         k = apply_rope_interleaved(split_heads(self.k_proj(x), self.head_dim), cos, sin)
         v = split_heads(self.v_proj(x), self.head_dim)
@@ -126,9 +120,11 @@ class Glm4Attention(nn.Module):
         return self.o_proj(out.reshape(B, L, -1))
 
 
-class Glm4DecoderLayer(nn.Module):
-    def __init__(self, config: Glm4Config):
-        super().__init__()
+class Glm4DecoderLayer(DecoderLayer):
+    def __init__(self, config: Glm4Config, layer_index: int):
+        super().__init__(
+            layer_index, RotaryEmbedding(config.rope_parameters, config.rotary_dim, config.max_position_embeddings)
+        )
         D, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = Glm4Attention(config)
         self.mlp = FusedGatedMLP(D, config.intermediate_size, config.hidden_act)
@@ -137,8 +133,8 @@ class Glm4DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(D, eps)
         self.post_mlp_layernorm = RMSNorm(D, eps)
 
-    def forward(self, x, cos, sin, mask: VisibilityMask, token_mask=None):
-        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+    def block(self, x, rope, mask: VisibilityMask):
+        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), rope, mask))
         x = x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
         return x, []
 
@@ -147,8 +143,4 @@ class Glm4ForCausalLM(CausalLM):
     config_class = Glm4Config
 
     def __init__(self, config: Glm4Config):
-        super().__init__(
-            config,
-            layers=[Glm4DecoderLayer(config) for _ in range(config.num_hidden_layers)],
-            rotary_emb=RotaryEmbedding(config.rope_parameters, config.rotary_dim, config.max_position_embeddings),
-        )
+        super().__init__(config, layers=[Glm4DecoderLayer(config, i) for i in range(config.num_hidden_layers)])

@@ -30,22 +30,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .base import CausalLM
+from .attention import VisibilityMask, attention, split_heads
+from .base import CausalLM, DecoderLayer
 from .configuration import ModelConfig
-from .layers import (
-    ExpertDispatch,
-    Experts,
-    RMSNorm,
-    RotaryEmbedding,
-    TopKRouter,
-    VisibilityMask,
-    activation,
-    apply_rope_half,
-    attention,
-    load_balancing_loss,
-    softmax_router_stats,
-    split_heads,
-)
+from .layers import RMSNorm, RotaryEmbedding, activation, apply_rope_half
+from .moe import ExpertDispatch, Experts, TopKRouter, load_balancing_loss, softmax_router_stats
 
 # transformers builds the two per-layer norms without passing eps, so they always use 1e-6;
 # only the final norm reads rms_norm_eps.
@@ -138,8 +127,9 @@ class JetMoeAttention(nn.Module):
         self.experts = MixtureOfAttentionExperts(config)
         self.kv_proj = nn.Linear(config.hidden_size, 2 * config.kv_channels * config.num_key_value_heads, bias=False)
 
-    def forward(self, x: torch.Tensor, cos, sin, mask: VisibilityMask, token_mask=None):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: VisibilityMask):
         B, L, D = x.shape
+        cos, sin = rope
         k_slots, Hkv, hd = self.top_k, self.num_kv_heads, self.head_dim
         h = x.reshape(B * L, D)
         gates, chosen, logits = self.experts.router(h)
@@ -163,7 +153,7 @@ class JetMoeAttention(nn.Module):
         y = self.experts.output_linear(out[plan.order], plan) * gates.reshape(-1)[plan.order, None]
         y = y.new_zeros(B * L, D).index_add_(0, plan.token, y)
         y = y.view(B, L, D) + self.experts.bias
-        return y, softmax_router_stats(logits, chosen, token_mask)
+        return y, softmax_router_stats(logits, chosen, mask.token_mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,18 +186,23 @@ class JetMoeMoE(nn.Module):
 # Decoder
 
 
-class JetMoeDecoderLayer(nn.Module):
-    def __init__(self, config: JetMoeConfig):
-        super().__init__()
+class JetMoeDecoderLayer(DecoderLayer):
+    def __init__(self, config: JetMoeConfig, layer_index: int):
+        # two routers per layer: the attention experts' (MoA) and the MLP experts' (MoE)
+        super().__init__(
+            layer_index,
+            RotaryEmbedding(config.rope_parameters, config.kv_channels, config.max_position_embeddings),
+            num_routers=2,
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, LAYER_NORM_EPS)
         self.self_attention = JetMoeAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, LAYER_NORM_EPS)
         self.mlp = JetMoeMoE(config)
 
-    def forward(self, x, cos, sin, mask: VisibilityMask, token_mask=None):
-        a, attention_stats = self.self_attention(self.input_layernorm(x), cos, sin, mask, token_mask)
+    def block(self, x, rope, mask: VisibilityMask):
+        a, attention_stats = self.self_attention(self.input_layernorm(x), rope, mask)
         x = x + a
-        y, mlp_stats = self.mlp(self.post_attention_layernorm(x), token_mask)
+        y, mlp_stats = self.mlp(self.post_attention_layernorm(x), mask.token_mask)
         return x + y, [attention_stats, mlp_stats]
 
 
@@ -215,11 +210,7 @@ class JetMoeForCausalLM(CausalLM):
     config_class = JetMoeConfig
 
     def __init__(self, config: JetMoeConfig):
-        super().__init__(
-            config,
-            layers=[JetMoeDecoderLayer(config) for _ in range(config.num_hidden_layers)],
-            rotary_emb=RotaryEmbedding(config.rope_parameters, config.kv_channels, config.max_position_embeddings),
-        )
+        super().__init__(config, layers=[JetMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
 
     @property
     def aux_loss_coef(self) -> float:
@@ -231,13 +222,16 @@ class JetMoeForCausalLM(CausalLM):
         c = self.config
         return total - experts + experts * c.num_experts_per_tok // c.num_local_experts
 
-    def aux_loss(self, stats):
+    def router_stats_shape(self):
+        return 2 * self.config.num_hidden_layers, self.config.num_local_experts
+
+    def aux_loss(self, router_stats):
         # Every router (MoA and MoE of each layer) once; f_e sums to k, as in transformers' JetMoe loss.
-        return load_balancing_loss(stats, self.config.num_local_experts, picks_per_token=1)
+        return load_balancing_loss(router_stats, picks_per_token=1)
 
     @torch.no_grad()
     def init_weights(self) -> None:
         super().init_weights()  # includes expert weights ~ N(0, initializer_range)
-        for layer in self.model.layers:
+        for layer in self.model.layers.values():
             layer.self_attention.experts.bias.zero_()
             layer.mlp.bias.zero_()

@@ -1,5 +1,6 @@
-"""Layers shared by every architecture: norm, rotary embeddings, the attention core, the gated MLP,
-the causal-LM loss and weight init.
+"""Layers shared by every architecture: activations, norm, rotary embeddings, the gated MLPs, the
+model output and weight init. The attention core is in `models.attention`, the MoE pieces in
+`models.moe`, the objective in `models.loss`.
 
 Model files call these by name, so a model file reads like its paper and a numerical fix lands in one
 place. Everything here follows transformers 5.23 to the bit where that matters for checkpoint parity
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .moe import Experts
 
 # ---------------------------------------------------------------------------------------------------
 # Activations (the names transformers' ACT2FN uses in config.json)
@@ -219,153 +222,6 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
 
 
-def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """(B, S, heads * d) -> (B, heads, S, d)."""
-    B, S, _ = x.shape
-    return x.view(B, S, -1, head_dim).transpose(1, 2)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Attention
-
-
-@dataclass
-class VisibilityMask:
-    """Which keys each query may see, kept in factored form so that backends need not build a
-    [B, H, L, S] tensor: causal (always), optional key padding, optional sliding window.
-
-    key_padding: (B, S) bool, True for real tokens (the usual 2-D `attention_mask`).
-    sliding_window: a query sees at most this many most-recent keys, itself included.
-    segment_ids: (B, S) int, packed documents: a query sees only keys of its own segment."""
-
-    key_padding: torch.Tensor | None = None
-    sliding_window: int | None = None
-    segment_ids: torch.Tensor | None = None
-
-    def is_plain_causal(self, q_len: int, kv_len: int) -> bool:
-        return (
-            self.key_padding is None
-            and self.segment_ids is None
-            and q_len == kv_len
-            and (self.sliding_window is None or self.sliding_window >= kv_len)
-        )
-
-    def dense(self, q_len: int, kv_len: int, device) -> torch.Tensor:
-        """(B or 1, 1, L, S) bool, True where key j is visible from query i."""
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-        k_pos = torch.arange(kv_len, device=device)[None, :]
-        visible = k_pos <= q_pos
-        if self.sliding_window is not None:
-            visible = visible & (k_pos > q_pos - self.sliding_window)
-        visible = visible[None, None]
-        if self.key_padding is not None:
-            visible = visible & self.key_padding[:, None, None, :kv_len].bool()
-        if self.segment_ids is not None:
-            seg = self.segment_ids
-            visible = visible & (seg[:, None, kv_len - q_len :, None] == seg[:, None, None, :kv_len])
-        return visible
-
-
-def segments_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
-    """Packed documents: a new segment starts wherever the position does not continue by one (as
-    transformers detects packed sequences). (B, S) -> (B, S) segment index."""
-    starts = torch.ones_like(position_ids, dtype=torch.long)
-    starts[:, 1:] = (position_ids[:, 1:] != position_ids[:, :-1] + 1).long()
-    return torch.cumsum(starts, dim=1)
-
-
-ATTENTION_BACKENDS = ("eager", "sdpa")
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    mask: VisibilityMask,
-    scale: float,
-    key_bias: torch.Tensor | None = None,
-    key_keep: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    backend: str = "sdpa",
-) -> torch.Tensor:
-    """softmax(q·kᵀ·scale + bias + mask) · v with grouped-query attention.
-
-    q: (B, H, L, d); k, v: (B, Hkv, S, d) with H a multiple of Hkv; query head h reads kv head
-    h // (H / Hkv). Optional additive terms:
-      key_bias (B, Hkv, S): a learned per-key logit bias (Doge's dynamic mask), added to visible keys;
-      key_keep (B, Hkv, L, S) bool: a per-query key selection (Doge's top-k window), ANDed with `mask`.
-    Masked entries get finfo.min added (not -inf), as transformers does, so a query row with no
-    visible key (left padding) averages uniformly instead of producing NaN.
-    Returns (B, L, H, d).
-
-    New kernels (flex attention, flash-sparse-attn) plug in here as another `backend`, with the
-    same arguments; model files do not change.
-    """
-    if backend == "eager":
-        return _eager_attention(q, k, v, mask, scale, key_bias, key_keep, dropout_p)
-    if backend == "sdpa":
-        return _sdpa_attention(q, k, v, mask, scale, key_bias, key_keep, dropout_p)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
-
-
-def _additive_mask(allowed: torch.Tensor, key_bias: torch.Tensor | None, dtype) -> torch.Tensor:
-    # transformers' order: the bias is the value at allowed entries; masked entries are exactly MIN.
-    min_value = torch.finfo(dtype).min
-    if key_bias is None:
-        return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), min_value)
-    return torch.where(allowed, key_bias.to(dtype), min_value)
-
-
-def _eager_attention(q, k, v, mask, scale, key_bias, key_keep, dropout_p):
-    B, H, L, d = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    rep = H // Hkv
-    # Group query heads under their kv head instead of repeating k/v (no copy of K/V per head).
-    qg = q.view(B, Hkv, rep, L, d)
-    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hkv, rep, L, S)
-    allowed = mask.dense(L, S, q.device).unsqueeze(2)  # (B|1, 1, 1, L, S)
-    if key_keep is not None:
-        allowed = allowed & key_keep.unsqueeze(2)
-    bias = None if key_bias is None else key_bias[:, :, None, None, :]
-    scores = scores + _additive_mask(allowed, bias, scores.dtype)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
-    out = torch.matmul(probs, v.unsqueeze(2))  # (B, Hkv, rep, L, d)
-    return out.reshape(B, H, L, d).transpose(1, 2)
-
-
-def _sdpa_attention(q, k, v, mask, scale, key_bias, key_keep, dropout_p):
-    B, H, L, d = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    gqa = H != Hkv
-    if key_keep is not None:
-        # A per-query key selection is inherently (B, Hkv, L, S); expand it to H heads for SDPA.
-        allowed = mask.dense(L, S, q.device) & key_keep
-        additive = _additive_mask(allowed, None if key_bias is None else key_bias[:, :, None, :], q.dtype)
-        if gqa:
-            additive = additive.repeat_interleave(H // Hkv, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
-        return out.transpose(1, 2)
-    if key_bias is not None:
-        # A bias that depends on the key only is folded into the dot product, so no [L, S] bias tensor
-        # is built and SDPA can still use its causal fast path:
-        #   [q, 1]·[k, b/scale] * scale = q·k*scale + b.
-        # The extra channel is padded to 8 so fused GPU kernels keep an aligned head dim; v is padded
-        # alike because flash kernels want equal q/k/v head dims.
-        pad = 8
-        q = torch.cat([q, q.new_ones(B, H, L, 1), q.new_zeros(B, H, L, pad - 1)], dim=-1)
-        k = torch.cat([k, (key_bias / scale).to(k.dtype).unsqueeze(-1), k.new_zeros(B, Hkv, S, pad - 1)], dim=-1)
-        v = torch.cat([v, v.new_zeros(B, Hkv, S, pad)], dim=-1)
-    if mask.is_plain_causal(L, S):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
-    else:
-        additive = _additive_mask(mask.dense(L, S, q.device), None, q.dtype)  # (B|1, 1, L, S), broadcast over heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
-    return out[..., :d].transpose(1, 2)
-
-
 # ---------------------------------------------------------------------------------------------------
 # MLP
 
@@ -399,184 +255,16 @@ class FusedGatedMLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Mixture of experts: parameters, routing, dispatch, load balancing
-#
-# Kept as separate functions so an expert-parallel engine can put a rank's slice of `Experts.weight`
-# (experts are the leading dim) between `dispatch` and the combine step without touching model files.
-
-
-class Experts(nn.Module):
-    """E linear maps stored as one (E, out, in) tensor, the layout of transformers' checkpoints and of
-    grouped-GEMM kernels. Expert e computes F.linear(x, weight[e])."""
-
-    def __init__(self, num_experts: int, in_features: int, out_features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
-
-    def forward(self, x_sorted: torch.Tensor, dispatch: "ExpertDispatch") -> torch.Tensor:
-        return grouped_linear(x_sorted, self.weight, dispatch)
-
-
-class TopKRouter(nn.Module):
-    """logits = W h (in the model dtype, then fp32); keep the top k; softmax over those k only."""
-
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
-        super().__init__()
-        self.top_k = top_k
-        self.layer = nn.Linear(hidden_size, num_experts, bias=False)
-
-    def forward(self, h: torch.Tensor):
-        logits = self.layer(h).float()  # (N, E)
-        top_logits, experts = logits.topk(self.top_k, dim=-1)
-        gates = torch.softmax(top_logits, dim=-1).type_as(h)
-        return gates, experts, logits
-
-
-@dataclass
-class ExpertDispatch:
-    """(token, slot) pairs sorted by expert, found with tensor ops only (argsort + counts + cumsum):
-    nothing is read back to the host, so the step never waits on the device.
-
-    order: (N*k,) flat pair index (token * k + slot) in expert order
-    token: (N*k,) the token of each sorted pair
-    expert: (N*k,) the expert of each sorted pair (ascending)
-    group_end: (E,) int32, cumulative pair counts: expert e owns sorted rows [group_end[e-1], group_end[e])
-    """
-
-    order: torch.Tensor
-    token: torch.Tensor
-    expert: torch.Tensor
-    group_end: torch.Tensor
-
-    @classmethod
-    def plan(cls, experts: torch.Tensor, num_experts: int) -> "ExpertDispatch":
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        return cls(order, order // experts.shape[-1], flat[order], torch.cumsum(counts, 0, dtype=torch.int32))
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient: grouped_mm's CPU backward rejects the
-    stride-0 gradients that `.sum()` and broadcasts produce."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
-
-
-def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not hasattr(F, "grouped_mm"):
-        return False
-    aligned = all((n * x.element_size()) % 16 == 0 for n in weight.shape[1:])
-    if x.device.type == "cpu":
-        return aligned
-    # CUDA kernels take bf16 (sm80+); other dtypes use the fallback below.
-    return aligned and x.dtype == weight.dtype == torch.bfloat16
-
-
-def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, dispatch: ExpertDispatch) -> torch.Tensor:
-    """Row r of `x_sorted` (sorted by expert) times weight[expert_r]ᵀ, with no host synchronisation.
-
-    Uses torch's grouped GEMM (one kernel over jagged groups, offsets stay on the device). Where that
-    kernel does not apply (e.g. fp32 on CUDA), falls back to one dense matmul per expert over all rows,
-    masked: E/k times the FLOPs, still sync-free; fine for the small E of JetMoE-style layers."""
-    if torch.is_autocast_enabled(x_sorted.device.type):
-        dtype = torch.get_autocast_dtype(x_sorted.device.type)
-        x_sorted, weight = x_sorted.to(dtype), weight.to(dtype)
-    else:
-        x_sorted = x_sorted.to(weight.dtype)
-    if _grouped_mm_fits(x_sorted, weight):
-        return _ContiguousGrad.apply(F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=dispatch.group_end))
-    out = x_sorted.new_zeros(x_sorted.shape[0], weight.shape[1])
-    for e in range(weight.shape[0]):
-        mine = (dispatch.expert == e).unsqueeze(-1)
-        out = torch.where(mine, F.linear(x_sorted, weight[e]), out)
-    return out
-
-
-@dataclass
-class RouterStats:
-    """One router's contribution to a load-balancing loss (summed over routers).
-
-    expert_counts: (E,) picks per expert (padding excluded); expert_prob_sum: (E,) Σ over tokens of the
-    router's probability for each expert; num_tokens: () tokens counted."""
-
-    expert_counts: torch.Tensor
-    expert_prob_sum: torch.Tensor
-    num_tokens: torch.Tensor
-
-
-def count_picks(experts: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None):
-    """Per-expert pick counts of (N, k) expert ids and the number of tokens counted, padding excluded
-    when a (B, S) token mask is given (tokens flattened batch-major, as the router sees them)."""
-    weights = torch.ones(experts.shape, dtype=torch.float32, device=experts.device)
-    if token_mask is None:
-        num_tokens = torch.tensor(float(experts.shape[0]), device=experts.device)
-    else:
-        m = token_mask.reshape(-1).to(device=experts.device, dtype=torch.float32)
-        weights = weights * m[:, None]
-        num_tokens = m.sum()
-    counts = torch.zeros(num_experts, dtype=torch.float32, device=experts.device)
-    return counts.scatter_add_(0, experts.reshape(-1), weights.reshape(-1)), num_tokens
-
-
-def softmax_router_stats(logits: torch.Tensor, experts: torch.Tensor, token_mask: torch.Tensor | None) -> RouterStats:
-    """Statistics of a plain softmax router: probabilities over all E experts, picks = `experts`."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    if token_mask is not None:
-        probs = probs * token_mask.reshape(-1, 1).to(probs)
-    counts, num_tokens = count_picks(experts, logits.shape[-1], token_mask)
-    return RouterStats(counts, probs.sum(0), num_tokens)
-
-
-def load_balancing_loss(stats: list[RouterStats], num_experts: int, picks_per_token: int) -> torch.Tensor:
-    """Switch-transformer load balancing over all routers: E · Σ_e f_e · p_e, where p_e is the mean
-    router probability of expert e and f_e = picks of e / (tokens · picks_per_token). With
-    picks_per_token = k the f_e sum to 1 (Doge's convention); with 1 they sum to k (JetMoE's)."""
-    counts = torch.stack([s.expert_counts for s in stats]).sum(0)
-    probs = torch.stack([s.expert_prob_sum for s in stats]).sum(0)
-    tokens = torch.stack([s.num_tokens.to(counts.device) for s in stats]).sum()
-    return num_experts * torch.sum((counts / (tokens * picks_per_token)) * (probs / tokens))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loss and outputs
+# Outputs
 
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None  # the training objective (see models.loss), when labels are given
+    aux_loss: torch.Tensor | None = None  # the load-balancing loss (MoE models), unweighted
+    cross_entropy: torch.Tensor | None = None  # the cross-entropy term of `loss`
     expert_counts: torch.Tensor | None = None  # (routers, experts) picks per expert, MoE models only
-
-
-def causal_lm_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    ignore_index: int = -100,
-    shift_labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Token t predicts labels[t + 1] (or shift_labels[t], already shifted, as packed rows provide);
-    fp32 cross-entropy over non-ignored tokens. With `num_items_in_batch` the sum is divided by it
-    (exact gradient accumulation across micro-batches)."""
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    logits = logits.float().reshape(-1, logits.shape[-1])
-    shift_labels = shift_labels.reshape(-1).to(logits.device)
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, shift_labels, ignore_index=ignore_index)
-    loss = F.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction="sum")
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -594,7 +282,7 @@ def init_normal(module: nn.Module, std: float) -> None:
             m.weight.normal_(0.0, std)
             if m.bias is not None:
                 m.bias.zero_()
-        elif isinstance(m, Experts):
+        elif isinstance(m, Experts):  # expert weights: (E, out, in), one normal draw
             m.weight.normal_(0.0, std)
         elif isinstance(m, (RMSNorm, RotaryEmbedding)):
             m.reset_parameters()

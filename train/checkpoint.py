@@ -5,11 +5,14 @@
     trainer_state/optimizer.pt      optimizer state (single process / DDP)
     trainer_state/deepspeed/        DeepSpeed engine files (when DeepSpeed runs)
     trainer_state/rank-<r>.pt       per rank: data loader state and RNG states
+    trainer_state/config.json       the run's resolved config (names what changed when a resume is refused)
     MANIFEST.json                   every file with its size and SHA-256, written last
 
 A checkpoint is assembled under a temporary name and renamed into place, then `latest` is updated:
-it appears complete or not at all. `resume=auto` takes the newest checkpoint whose manifest checks
-out and warns about any it skips; an explicit path that fails the check is an error.
+it appears complete or not at all. `resume=auto` follows `latest`; a broken checkpoint it has to skip
+is moved aside as `step-N.corrupt`. Pruning keeps the newest complete checkpoints of the run that is
+saving (checkpoints of other runs in the same directory are left alone). An explicit path that fails
+its manifest is an error.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data import DataError
 from models.checkpoint import save_model_dir
+
+from .config import RunConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +108,102 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def find_resumable(output_dir: Path, checksums: bool = True) -> Path | None:
-    """The newest complete checkpoint; broken ones are skipped with a warning."""
-    for candidate in reversed(list_checkpoints(output_dir)):
+def read_state(directory: Path) -> dict | None:
+    """A checkpoint's trainer_state/state.json, or None when it is missing or unreadable."""
+    try:
+        return json.loads((directory / "trainer_state" / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_id_of(directory: Path) -> str | None:
+    state = read_state(directory)
+    return state.get("run_id") if state else None
+
+
+def latest(output_dir: Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` names (the last one a run finished saving), if any."""
+    pointer = output_dir / "checkpoints" / "latest"
+    try:
+        name = pointer.read_text().strip()
+    except OSError:
+        return None
+    return output_dir / "checkpoints" / name if STEP_DIR.match(name) else None
+
+
+def find_resumable(output_dir: Path, checksums: bool = True) -> tuple[Path | None, list[Path]]:
+    """The checkpoint `resume=auto` continues, and the broken checkpoints it skipped (to be moved aside).
+
+    `latest` is followed: it names the last checkpoint the run writing into this directory finished,
+    which is not always the highest step (a new run in a used directory starts again from step 1).
+    When `latest` is broken, the newest complete checkpoint of the same run is taken instead, with a
+    warning. A directory whose runs cannot be told apart is refused, naming its checkpoints."""
+    pointed = latest(output_dir)
+    candidates = list_checkpoints(output_dir)
+    if pointed is None and not candidates:
+        return None, []
+    corrupt: list[Path] = []
+    if pointed is not None and pointed.is_dir():
+        try:
+            verify(pointed, checksums)
+            return pointed, []
+        except CheckpointCorrupt as exc:
+            logger.warning("skipping checkpoint %s (checkpoints/latest): %s", pointed, exc)
+            corrupt.append(pointed)
+    elif pointed is not None:
+        logger.warning("checkpoints/latest names %s, which does not exist", pointed.name)
+    run_ids = {c: run_id_of(c) for c in candidates if c not in corrupt}
+    wanted = run_id_of(pointed) if pointed is not None and pointed.is_dir() else None
+    if wanted is None:
+        known = {r for r in run_ids.values() if r is not None}
+        if len(known) > 1:
+            listing = "; ".join(f"run {r}: " + ", ".join(c.name for c, i in run_ids.items() if i == r) for r in sorted(known))
+            raise CheckpointCorrupt(
+                f"{output_dir / 'checkpoints'} holds checkpoints of {len(known)} runs ({listing}) and checkpoints/latest "
+                f"does not say which to continue; pass trainer.resume=<a checkpoint directory>")
+        wanted = known.pop() if known else None
+    for candidate in reversed(candidates):
+        if candidate in corrupt or (wanted is not None and run_ids.get(candidate) != wanted):
+            continue
         try:
             verify(candidate, checksums)
-            return candidate
+            return candidate, corrupt
         except CheckpointCorrupt as exc:
             logger.warning("skipping checkpoint %s: %s", candidate, exc)
-    return None
+            corrupt.append(candidate)
+    return None, corrupt
+
+
+def quarantine(paths: list[Path]) -> list[Path]:
+    """Move broken checkpoints aside as `step-N.corrupt` (kept for inspection, never resumed from,
+    counted or pruned)."""
+    moved = []
+    for path in paths:
+        if not path.is_dir():
+            continue
+        target = path.with_name(f"{path.name}.corrupt")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.corrupt-{n}")
+        os.replace(path, target)
+        logger.warning("moved the broken checkpoint %s aside to %s", path, target.name)
+        moved.append(target)
+    return moved
+
+
+def clean_stale(output_dir: Path) -> None:
+    """Remove what an interrupted save leaves behind (`.step-N.tmp`, `.step-N.old`, `.latest.tmp`)."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if re.match(r"^\.(step-\d+\.(tmp|old)|latest\.tmp)$", path.name):
+            logger.info("removing %s, left by an interrupted save", path)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:
@@ -135,25 +228,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(output_dir: Path, step: int, engine, model_config, tokenizer, loader, trainer_state: dict, dist,
-         keep_last: int, checksums: bool = True) -> Path:
+def save(output_dir: Path, step: int, engine, model_config, tokenizer, loader, trainer_state: dict, topology,
+         keep_last: int, checksums: bool = True, run_config: dict | None = None) -> Path:
     """Collective: every rank calls it."""
     root = output_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
-    if dist.is_main:
+    if topology.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "trainer_state").mkdir(parents=True)
-    dist.barrier()
-    weights = engine.export_state_dict()  # collective under ZeRO-3
-    if dist.is_main:
+    topology.barrier()
+    weights = engine.export_state_dict()  # collective under ZeRO-3, pipeline and expert parallelism
+    if topology.is_main:
         save_model_dir(_StateView(weights, engine.module), model_config, tmp)
         tokenizer.save(tmp)
     engine.save(tmp / "trainer_state")
-    torch.save({"data": loader.state_dict(), "rng": rng_state()}, tmp / "trainer_state" / f"rank-{dist.rank}.pt")
-    dist.barrier()
-    if dist.is_main:
+    torch.save({"data": loader.state_dict(), "rng": rng_state()}, tmp / "trainer_state" / f"rank-{topology.rank}.pt")
+    topology.barrier()
+    if topology.is_main:
         (tmp / "trainer_state" / "state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        if run_config is not None:
+            (tmp / "trainer_state" / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
         write_manifest(tmp, checksums)
         if final.exists():  # the same step saved again (e.g. a preempted run resumed at it)
             trash = root / f".step-{step}.old"
@@ -165,9 +260,9 @@ def save(output_dir: Path, step: int, engine, model_config, tokenizer, loader, t
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, root / "latest")
-        _prune(root, keep_last, keep=final)
+        prune(root, keep_last, final, trainer_state.get("run_id"))
         logger.info("checkpoint saved: %s", final)
-    dist.barrier()
+    topology.barrier()
     return final
 
 
@@ -184,32 +279,75 @@ class _StateView:
         return self._module.tied_weight_keys()
 
 
-def _prune(root: Path, keep_last: int, keep: Path) -> None:
+def prune(root: Path, keep_last: int, newest: Path, run_id: str | None) -> None:
+    """Keep the `keep_last` newest complete checkpoints of this run, up to the one just saved. Only a
+    complete checkpoint counts as superseding an older one; checkpoints of other runs in the same
+    directory, and of steps past `newest` (an abandoned continuation, replaced when the step is saved
+    again), are left alone."""
     if keep_last <= 0:
         return
-    checkpoints = [p for p in sorted(root.iterdir(), key=lambda p: step_of(p) if STEP_DIR.match(p.name) else -1)
-                   if STEP_DIR.match(p.name)]
-    for old in checkpoints[:-keep_last]:
-        if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
+    ours = [p for p in list_checkpoints(root.parent) if step_of(p) <= step_of(newest) and run_id_of(p) == run_id
+            and (p / MANIFEST).is_file()]
+    for old in ours[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def load(directory: Path, engine, loader, dist) -> dict:
+def load(directory: Path, engine, loader, topology, run_config: dict | None = None) -> dict:
     """Restore engine, data loader and RNG state; returns state.json. The caller has checked the
     checkpoint (`verify` / `find_resumable`): hashing it again would read every file twice."""
     state = json.loads((directory / "trainer_state" / "state.json").read_text())
+    rank_file = directory / "trainer_state" / f"rank-{topology.rank}.pt"
+    per_rank = None
+    if rank_file.is_file():
+        per_rank = torch.load(rank_file, map_location="cpu", weights_only=True)
+        data_state = per_rank["data"]
+    else:
+        # saved with fewer ranks: the data loader decides whether a fresh order is allowed
+        data_state = torch.load(directory / "trainer_state" / "rank-0.pt", weights_only=True)["data"]
+    try:
+        loader.load_state_dict(data_state)
+    except DataError as exc:
+        # a refused resume: said in terms of the config keys that changed, when the checkpoint has its config
+        changed = _changed_data_keys(directory, run_config)
+        if changed:
+            raise RunConfigError(
+                f"cannot resume {directory} with another data configuration: {'; '.join(changed)}. Resume with the "
+                f"checkpoint's data settings, or set data.allow_new_order=true to start a fresh data order "
+                f"(documents seen before may be seen again)") from None
+        raise RunConfigError(str(exc)) from None
     if state.get("optimizer_state", True):
         engine.load(directory / "trainer_state")
     else:
         logger.warning("%s carries no optimizer state (see its state.json): the optimizer starts fresh", directory)
-    rank_file = directory / "trainer_state" / f"rank-{dist.rank}.pt"
-    if rank_file.is_file():
-        per_rank = torch.load(rank_file, map_location="cpu", weights_only=True)
-        loader.load_state_dict(per_rank["data"])
+    if per_rank is not None:
         set_rng_state(per_rank["rng"])
-    else:
-        # saved with fewer ranks: the data loader decides whether a fresh order is allowed
-        loader.load_state_dict(torch.load(directory / "trainer_state" / "rank-0.pt", weights_only=True)["data"])
     return state
 
 
+# what the data order depends on (the loader's fingerprint and layout)
+_DATA_ORDER_KEYS = ("sources", "seq_len", "mixture_by", "tokenizer", "eval.holdout_documents", "num_workers")
+
+
+def _changed_data_keys(directory: Path, run_config: dict | None) -> list[str]:
+    saved_path = directory / "trainer_state" / "config.json"
+    if run_config is None or not saved_path.is_file():
+        return []
+    saved = _flatten(json.loads(saved_path.read_text()).get("data", {}), "data")
+    now = _flatten(run_config.get("data", {}), "data")
+    wanted = tuple(f"data.{k}" for k in _DATA_ORDER_KEYS)
+    keys = sorted(k for k in set(saved) | set(now) if k.startswith(wanted) and saved.get(k) != now.get(k))
+    return [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys]
+
+
+def _flatten(value, prefix: str) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: value}

@@ -1,16 +1,21 @@
 """`python -m train [hydra overrides]`: the one entry point, for a single process, under torchrun and
-under the deepspeed launcher."""
+under the deepspeed launcher. `python -m train --help` lists every config group and its presets.
+
+Exit status: 0 done; 1 the run failed (a message says why); 2 the config or layout was refused
+before any work; 75 stopped on request (SIGTERM / SIGINT) after saving a checkpoint: requeue it and
+continue with trainer.resume=auto.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
-import typing
 from pathlib import Path
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+EXIT_REFUSED = 2
 
 
 def strip_launcher_arguments(argv: list[str]) -> list[str]:
@@ -29,60 +34,82 @@ def strip_launcher_arguments(argv: list[str]) -> list[str]:
     return out
 
 
-def with_forced_keys(argv: list[str]) -> list[str]:
-    """`group.key=value` -> `++group.key=value` for keys that `check_override_keys` has accepted, so a
-    valid field that a preset YAML happens not to list (model.hidden_dropout, data.sources.0.fetch) can
-    be set without Hydra's `+` prefix."""
+def _model_keys() -> set[str]:
+    import dataclasses
+
+    import models
+
+    return {"init_from"} | {f.name for cls in models.ARCHITECTURES.values() for f in dataclasses.fields(cls.config_class)}
+
+
+def with_forced_model_keys(argv: list[str]) -> list[str]:
+    """`model.key=value` -> `++model.key=value`: the model group is free-form for Hydra (each architecture
+    has its own fields, checked by models.make_config), so a valid field that the preset does not list
+    (model.hidden_dropout) is added rather than refused. Every other group is typed by the schema and
+    takes plain overrides."""
     out = []
     for arg in argv:
-        key = arg.split("=", 1)[0]
-        plain = not arg.startswith(("-", "+", "~", "hydra")) and "=" in arg and "." in key
+        plain = not arg.startswith(("-", "+", "~")) and "=" in arg and arg.split("=", 1)[0].startswith("model.")
         out.append(f"++{arg}" if plain else arg)
     return out
 
 
-def check_override_keys(argv: list[str]) -> str | None:
-    """Catch a misspelt `group.key=value` before Hydra does, with the valid keys in the message."""
-    import models
+def check_overrides(argv: list[str]) -> str | None:
+    """Refuse a misspelt key or a value of the wrong type in `group.key=value` before Hydra composes,
+    with the valid keys in the message. The check is the schema's own (OmegaConf merges the value into
+    the typed node), so its verdict is Hydra's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, ValidationError
 
-    from .config import RunSchema, unknown_key_message
+    from .config import RunSchema, schema_fields, unknown_key_message
 
-    model_keys = {"init_from"} | {f.name for cls in models.ARCHITECTURES.values()
-                                  for f in dataclasses.fields(cls.config_class)}
-    hints = typing.get_type_hints(RunSchema)
-    for arg in argv:
-        if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg:
-            continue
-        key = arg.split("=", 1)[0]
+    candidates = [a for a in argv if "=" in a and not a.startswith(("-", "hydra", "+hydra", "~"))]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except HydraException as exc:
+        return str(exc).splitlines()[0]
+    schema = OmegaConf.structured(RunSchema)
+    model_keys = _model_keys()
+    for override in overrides:
+        key = override.key_or_group
         parts = key.split(".")
-        if len(parts) < 2:
-            continue  # a group choice (model=doge-20m): Hydra checks those
+        if len(parts) < 2 or override.is_sweep_override() or override.is_delete():
+            continue  # a group choice (model=doge-20m) or a sweep: Hydra checks those
         if parts[0] == "model":
             if parts[1] not in model_keys:
                 return unknown_key_message("model", parts[1], model_keys)
             continue
-        if parts[0] not in hints:
+        if parts[0] not in ("data", "optim", "scheduler", "parallel", "trainer", "logger"):
             continue
-        node, path = hints[parts[0]], parts[0]
-        for part in parts[1:]:
-            origin = typing.get_origin(node)
-            if origin is typing.Union:
-                node = [a for a in typing.get_args(node) if a is not type(None)][0]
-                origin = typing.get_origin(node)
-            if origin in (list, typing.List):
-                node = typing.get_args(node)[0]
-                if part.isdigit():
-                    path += f".{part}"
-                    continue
-            if origin in (dict, typing.Dict) or node is typing.Any:
-                break
-            if not dataclasses.is_dataclass(node):
-                break
-            fields = {f.name: f for f in dataclasses.fields(node)}
-            if part not in fields:
-                return unknown_key_message(path, part, fields)
-            node, path = typing.get_type_hints(node)[part], f"{path}.{part}"
+        nested: dict = {}
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = override.value()
+        try:
+            OmegaConf.merge(schema, _lists_as_indices(nested))
+        except ConfigKeyError as exc:
+            bad = str(exc.key)
+            where = parts.index(bad) if bad in parts else len(parts) - 1
+            return unknown_key_message(".".join(parts[:where]), bad, schema_fields(exc.object_type))
+        except ValidationError as exc:
+            return f"{key}: {str(exc).splitlines()[0]}"
     return None
+
+
+def _lists_as_indices(value):
+    """`data.sources.0.path` parses as nested dicts; the digit keys become a list, so that OmegaConf
+    checks the value against the list's element type."""
+    if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+        items = [{} for _ in range(max(int(k) for k in value) + 1)]
+        for k, v in value.items():
+            items[int(k)] = _lists_as_indices(v)
+        return items
+    if isinstance(value, dict):
+        return {k: _lists_as_indices(v) for k, v in value.items()}
+    return value
 
 
 def _setup_logging() -> None:
@@ -101,56 +128,52 @@ def run_from_hydra(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from .config import RunConfigError, validate
+    from .config import validate
     from .loop import train
 
-    from omegaconf.errors import MissingMandatoryValue
-
-    try:
-        values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as exc:
-        key = getattr(exc, "full_key", None) or str(exc)
-        print(f"error: {key} must be set (the chosen config leaves it open: ???); add {key}=... to the command", file=sys.stderr)
-        raise SystemExit(2) from None
+    values = OmegaConf.to_container(cfg, resolve=True)
     hydra_cfg = HydraConfig.get()
     if str(hydra_cfg.mode) == "RunMode.MULTIRUN":  # each point of a sweep gets its own directory
         values["trainer"]["output_dir"] = str(Path(values["trainer"]["output_dir"]) / str(hydra_cfg.job.num))
-    try:
-        run = validate(values)
-    except (RunConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run = validate(values)
     return train(run, values)
+
+
+def _refuse(message: str, status: int = EXIT_REFUSED):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(status)
 
 
 def main() -> None:
     import hydra
 
     argv = strip_launcher_arguments(sys.argv[1:])
-    problem = check_override_keys(argv)
+    problem = check_overrides(argv)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        raise SystemExit(2)
-    sys.argv = [sys.argv[0]] + with_forced_keys(argv)
+        _refuse(problem)
+    sys.argv = [sys.argv[0]] + with_forced_model_keys(argv)
     _setup_logging()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from .config import register_configs
+
+    register_configs()
     hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")(_entry)()
 
 
 def _entry(cfg) -> None:
+    from data import DataError
+    from models import CheckpointError, ConfigError
+
     from .config import RunConfigError
-    from .loop import TrainingStopped
+    from .distributed import LayoutError
+    from .loop import EXIT_STOPPED, StoppedBeforeTraining, TrainingStopped
 
     try:
-        run_from_hydra(cfg)
-    except (TrainingStopped, RunConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except Exception as exc:
-        from data import DataError
-        from models import CheckpointError, ConfigError
-
-        if isinstance(exc, (DataError, CheckpointError, ConfigError)):
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(1) from None
-        raise
+        summary = run_from_hydra(cfg)
+    except (RunConfigError, LayoutError) as exc:
+        _refuse(str(exc))
+    except StoppedBeforeTraining as exc:
+        _refuse(str(exc), EXIT_STOPPED)
+    except (TrainingStopped, DataError, CheckpointError, ConfigError) as exc:
+        _refuse(str(exc), 1)
+    if summary.get("stopped"):
+        raise SystemExit(EXIT_STOPPED)

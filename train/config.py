@@ -1,14 +1,18 @@
-"""The typed schema of a run. Hydra composes the YAML groups in configs/; this module checks the
-result against dataclasses before any work starts: an unknown key or a wrong type stops the run with
-the key's full name and the valid choices. The `model` group is checked against the chosen
-architecture's config (models.make_config)."""
+"""The typed schema of a run, registered with Hydra's ConfigStore as the base of every config.
+
+configs/config.yaml composes `run_schema` (this module's `RunSchema`) first and the YAML groups on
+top, so a preset states only what differs from the schema, Hydra/OmegaConf refuse an unknown key or a
+wrong type while composing, and CLI overrides of any schema key need no `+`. `validate` is the one
+validator: it merges a composed config into the schema, builds the typed objects (each group's
+`__post_init__` checks its value domains: a learning rate > 0, betas in [0, 1), ...), builds the
+model's config for its architecture (`models.make_config`), and checks what spans groups (layouts).
+Every refusal is a `RunConfigError` naming the key and the fix, raised before any work starts.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 import models
@@ -19,46 +23,73 @@ class RunConfigError(ValueError):
     """A run configuration that cannot start; the message names the key and the fix."""
 
 
+def require(condition: bool, key: str, value, rule: str) -> None:
+    """Raise `key=value <rule>` unless `condition`."""
+    if not condition:
+        raise RunConfigError(f"{key}={value!r} {rule}")
+
+
+def require_choice(key: str, value, choices) -> None:
+    require(value in choices, key, value, f"is not one of {list(choices)}")
+
+
 # ---------------------------------------------------------------------------------------------------
-# Groups
-
-
-# The data package's own dataclasses are the schema of these parts (one definition, not two).
-SourceSchema = SourceConfig
-TokenizerSchema = TokenizerConfig
-EvalSchema = EvalConfig
+# Groups. The data package's own dataclasses (SourceConfig, TokenizerConfig, EvalConfig) are the
+# schema of those parts: one definition, not two.
 
 
 @dataclass
 class DataSchema:
-    sources: List[SourceSchema] = field(default_factory=list)
-    tokenizer: TokenizerSchema = field(default_factory=TokenizerSchema)
+    sources: List[SourceConfig] = field(default_factory=list)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     seq_len: int = 256
-    mixture_by: str = "tokens"
+    mixture_by: str = "tokens"  # tokens | documents
     shuffle_buffer: int = 256
     document_masking: bool = False
     num_workers: int = 0
     read_batch: int = 64
     allow_new_order: bool = False
-    eval: EvalSchema = field(default_factory=EvalSchema)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        require(self.seq_len >= 1, "data.seq_len", self.seq_len, "must be >= 1 (tokens per row)")
+        require_choice("data.mixture_by", self.mixture_by, ("tokens", "documents"))
+        require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0 (0: no shuffling)")
+        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0 (0: load in-process)")
+        require(self.read_batch >= 1, "data.read_batch", self.read_batch, "must be >= 1")
+        require(self.tokenizer.vocab_size >= 1, "data.tokenizer.vocab_size", self.tokenizer.vocab_size, "must be >= 1")
+        require(self.eval.holdout_documents >= 0, "data.eval.holdout_documents", self.eval.holdout_documents,
+                "must be >= 0")
+        require(self.eval.max_batches >= 1, "data.eval.max_batches", self.eval.max_batches, "must be >= 1")
 
 
 @dataclass
 class OptimSchema:
     name: str = "adamw"
-    lr: float = 1e-3
+    lr: float = 3e-3
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.01
     # Parameters that get no weight decay unless listed here: embeddings, norms, biases, residual
     # scales, Doge's A. Name any of "embeddings" to decay them anyway.
     decay_also: List[str] = field(default_factory=list)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
     fused: Optional[bool] = None  # torch AdamW's fused kernel (default: on for CUDA)
     # After upcycling: for this many steps from the upcycled checkpoint, only parameters whose names
     # contain one of `new_params` learn (the others get learning rate 0), then everything does.
     new_params_only_steps: int = 0
     new_params: List[str] = field(default_factory=lambda: ["router_gate", "down_embed", "up_embed"])
+
+    def __post_init__(self):
+        require_choice("optim.name", self.name, ("adamw",))
+        require(self.lr > 0, "optim.lr", self.lr, "must be > 0 (the peak learning rate, e.g. 3e-3)")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
+                "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        require(self.eps > 0, "optim.eps", self.eps, "must be > 0 (e.g. 1e-8)")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0: no clipping)")
+        require(self.new_params_only_steps >= 0, "optim.new_params_only_steps", self.new_params_only_steps,
+                "must be >= 0")
 
 
 @dataclass
@@ -73,6 +104,16 @@ class SchedulerSchema:
     # steps starting at S; the run ends at S + branch_decay_steps.
     branch_decay_steps: Optional[int] = None
 
+    def __post_init__(self):
+        require_choice("scheduler.name", self.name, ("wsd", "cosine", "constant"))
+        require_choice("scheduler.warmup_type", self.warmup_type, ("linear", "cosine"))
+        require_choice("scheduler.decay_type", self.decay_type, ("linear", "cosine", "1-sqrt"))
+        require(self.warmup >= 0, "scheduler.warmup", self.warmup, "must be >= 0 (steps, or a fraction < 1 of the run)")
+        require(self.decay >= 0, "scheduler.decay", self.decay, "must be >= 0 (steps, or a fraction < 1 of the run)")
+        require(0 <= self.min_lr_ratio <= 1, "scheduler.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        require(self.branch_decay_steps is None or self.branch_decay_steps >= 1, "scheduler.branch_decay_steps",
+                self.branch_decay_steps, "must be >= 1 (or null)")
+
 
 @dataclass
 class ParallelSchema:
@@ -80,23 +121,41 @@ class ParallelSchema:
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_param: bool = False
+    # Pipeline parallelism (DeepSpeed): the world is pipeline_stages x data-parallel replicas.
+    pipeline_stages: int = 1
+    pipeline_partition: str = "parameters"  # parameters | uniform | layers
+    # Expert parallelism: MoE experts split over groups of this many ranks.
+    expert_parallel: int = 1
     backend: Optional[str] = None  # torch.distributed backend; default gloo on CPU, nccl on CUDA
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
+
+    def __post_init__(self):
+        require_choice("parallel.engine", self.engine, ("ddp", "deepspeed"))
+        require_choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        require_choice("parallel.pipeline_partition", self.pipeline_partition, ("parameters", "uniform", "layers"))
+        require(self.pipeline_stages >= 1, "parallel.pipeline_stages", self.pipeline_stages, "must be >= 1")
+        require(self.expert_parallel >= 1, "parallel.expert_parallel", self.expert_parallel, "must be >= 1")
+        require(self.zero_stage == 0 or self.engine == "deepspeed", "parallel.zero_stage", self.zero_stage,
+                "needs parallel.engine=deepspeed (or choose parallel=zero1 / zero2 / zero3)")
+        require(not self.offload_param or self.zero_stage == 3, "parallel.offload_param", self.offload_param,
+                f"needs ZeRO stage 3 (parallel.zero_stage is {self.zero_stage}): use parallel=zero3-offload")
+        require(not self.offload_optimizer or self.zero_stage >= 1, "parallel.offload_optimizer",
+                self.offload_optimizer, "needs a ZeRO stage >= 1: use parallel=zero2-offload")
 
 
 @dataclass
 class TrainerSchema:
-    output_dir: str = "outputs/quickstart"
-    max_steps: int = 100
+    output_dir: str = "outputs/run"
+    max_steps: int = 1000
     global_batch_size: int = 8  # rows of seq_len tokens per optimizer step, over all ranks
     micro_batch_size: int = 8  # rows per forward pass per rank; accumulation is derived
     precision: str = "fp32"  # fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     save_every: int = 0  # steps; 0: only at the end (and on preemption)
-    keep_last: int = 3
-    resume: Optional[str] = None  # null | auto | path to a checkpoint
-    eval_every: int = 0
+    keep_last: int = 3  # 0: keep every checkpoint
+    resume: Optional[str] = None  # null | auto | path to a checkpoint or run directory
+    eval_every: int = 0  # 0: no held-out evaluation
     log_every: int = 1
     compile: bool = False
     activation_checkpointing: bool = False
@@ -104,6 +163,24 @@ class TrainerSchema:
     peak_flops: Optional[float] = None  # per device, for MFU; default: measured at start
     progress: bool = True
     verify_checksums: bool = True
+
+    def __post_init__(self):
+        require_choice("trainer.precision", self.precision, ("fp32", "bf16"))
+        require_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        require(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1")
+        require(self.global_batch_size >= 1, "trainer.global_batch_size", self.global_batch_size,
+                "must be >= 1 (rows per optimizer step over all ranks)")
+        require(self.micro_batch_size >= 1, "trainer.micro_batch_size", self.micro_batch_size,
+                "must be >= 1 (rows per forward pass per rank)")
+        require(self.micro_batch_size <= self.global_batch_size, "trainer.micro_batch_size", self.micro_batch_size,
+                f"must not exceed trainer.global_batch_size={self.global_batch_size}")
+        for key in ("save_every", "keep_last", "eval_every"):
+            require(getattr(self, key) >= 0, f"trainer.{key}", getattr(self, key), "must be >= 0 (0: off)")
+        require(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
+        require(self.max_bad_steps >= 1, "trainer.max_bad_steps", self.max_bad_steps, "must be >= 1")
+        require(self.peak_flops is None or self.peak_flops > 0, "trainer.peak_flops", self.peak_flops,
+                "must be > 0 (FLOP/s per device) or null (measured)")
+        require(bool(self.output_dir), "trainer.output_dir", self.output_dir, "must be a directory path")
 
 
 @dataclass
@@ -114,10 +191,15 @@ class LoggerSchema:
     run_name: Optional[str] = None
     dir: Optional[str] = None
 
+    def __post_init__(self):
+        require_choice("logger.name", self.name, ("jsonl", "wandb"))
+        require_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
+
 
 @dataclass
 class RunSchema:
-    model: Dict[str, Any]
+    # The architecture's own config (checked by models.make_config), plus `init_from`.
+    model: Dict[str, Any] = field(default_factory=dict)
     data: DataSchema = field(default_factory=DataSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
     scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
@@ -126,64 +208,19 @@ class RunSchema:
     logger: LoggerSchema = field(default_factory=LoggerSchema)
 
 
-CHOICES = {
-    "optim.name": ("adamw",),
-    "scheduler.name": ("wsd", "cosine", "constant"),
-    "scheduler.warmup_type": ("linear", "cosine"),
-    "scheduler.decay_type": ("linear", "cosine", "1-sqrt"),
-    "parallel.engine": ("ddp", "deepspeed"),
-    "parallel.zero_stage": (0, 1, 2, 3),
-    "trainer.precision": ("fp32", "bf16"),
-    "trainer.device": ("auto", "cpu", "cuda"),
-    "logger.name": ("jsonl", "wandb"),
-    "logger.mode": ("offline", "online", "disabled"),
-    "data.mixture_by": ("tokens", "documents"),
-}
+def register_configs() -> None:
+    """Make `run_schema` available to configs/config.yaml's defaults list."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_schema", node=RunSchema)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Validation
+# Messages for OmegaConf's refusals
 
 
-def _check_type(value, annotation, path: str):
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin is typing.Union:
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_type(value, inner[0], path)
-    if dataclasses.is_dataclass(annotation):
-        return parse_dataclass(annotation, value, path)
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise RunConfigError(f"{path}: expected a list, got {value!r}")
-        return [_check_type(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise RunConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RunConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RunConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise RunConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise RunConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    return value
+def schema_fields(node_type) -> dict[str, Any]:
+    return {f.name: f for f in fields(node_type)} if is_dataclass(node_type) else {}
 
 
 def unknown_key_message(path: str, key: str, valid) -> str:
@@ -193,27 +230,21 @@ def unknown_key_message(path: str, key: str, valid) -> str:
     return f"unknown config key {prefix}{key}.{hint} Valid keys{' of ' + path if path else ''}: {sorted(valid)}"
 
 
-def parse_dataclass(cls, values, path: str = ""):
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise RunConfigError(f"{path or 'config'}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in names:
-            raise RunConfigError(unknown_key_message(path, key, names))
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in values:
-            sub = f"{path}.{f.name}" if path else f.name
-            kwargs[f.name] = _check_type(values[f.name], hints[f.name], sub)
-            choices = CHOICES.get(sub)
-            if choices is not None and kwargs[f.name] not in choices:
-                raise RunConfigError(f"{sub}={kwargs[f.name]!r} is not one of {list(choices)}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RunConfigError(f"{path + '.' if path else ''}{f.name} is required")
-    return cls(**kwargs)
+def explain_omegaconf_error(exc: Exception) -> str:
+    """OmegaConf's ConfigKeyError / ValidationError as one line naming the key and the fix."""
+    from omegaconf.errors import ConfigKeyError
+
+    full_key = str(getattr(exc, "full_key", "") or getattr(exc, "key", "") or "")
+    path, _, key = full_key.rpartition(".")
+    if isinstance(exc, ConfigKeyError):
+        valid = schema_fields(getattr(exc, "object_type", None)) or {}
+        return unknown_key_message(path, key, valid)
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{full_key}: {first}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
 
 
 @dataclass
@@ -231,36 +262,101 @@ class RunConfig:
 
 
 def validate(values: dict) -> RunConfig:
-    """The composed config (plain dict) -> RunConfig, or RunConfigError naming what is wrong."""
-    values = dict(values)
-    model_values = dict(values.get("model") or {})
+    """A composed config (plain dict or DictConfig) -> RunConfig, or RunConfigError naming what is wrong."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunSchema), values)
+        schema: RunSchema = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", None) or str(exc)
+        raise RunConfigError(f"{key} must be set (the chosen config leaves it open: ???); add {key}=... to the "
+                             f"command") from None
+    except (ConfigKeyError, ValidationError) as exc:
+        raise RunConfigError(explain_omegaconf_error(exc)) from None
+    model_values = dict(schema.model)
     init_from = model_values.pop("init_from", None)
-    schema = parse_dataclass(RunSchema, {**values, "model": model_values})
     try:
         model_config = models.make_config(model_values)
     except models.ConfigError as exc:
         raise RunConfigError(f"model: {exc}") from None
-    t = schema.trainer
-    if t.micro_batch_size < 1 or t.global_batch_size < 1:
-        raise RunConfigError("trainer.micro_batch_size and trainer.global_batch_size must be >= 1")
-    if t.max_steps < 1:
-        raise RunConfigError(f"trainer.max_steps={t.max_steps} must be >= 1")
-    if schema.optim.new_params_only_steps and schema.trainer.resume in (None, "", "none", "null"):
+    run = RunConfig(model=model_config, init_from=init_from, data=schema.data, optim=schema.optim,
+                    scheduler=schema.scheduler, parallel=schema.parallel, trainer=schema.trainer,
+                    logger=schema.logger)
+    _check_across_groups(run)
+    return run
+
+
+def _check_across_groups(run: RunConfig) -> None:
+    t, p = run.trainer, run.parallel
+    if run.optim.new_params_only_steps and t.resume in (None, "", "none", "null"):
         raise RunConfigError(
             "optim.new_params_only_steps continues an upcycled checkpoint: set trainer.resume to the directory "
             "`python -m train.upcycle SRC DST ...` wrote"
         )
-    if not schema.data.sources:
+    if not run.data.sources:
         raise RunConfigError("data.sources is empty: choose a data group (e.g. data=builtin) or give sources")
-    return RunConfig(
-        model=model_config, init_from=init_from, data=schema.data, optim=schema.optim, scheduler=schema.scheduler,
-        parallel=schema.parallel, trainer=schema.trainer, logger=schema.logger,
-    )
+    if run.scheduler.branch_decay_steps is None:
+        from .schedule import build_schedule
+
+        try:
+            build_schedule(run.scheduler, run.optim.lr, t.max_steps)
+        except ValueError as exc:
+            raise RunConfigError(str(exc)) from None
+    if p.pipeline_stages > 1:
+        check_pipeline_layout(run)
+    if p.expert_parallel > 1:
+        check_expert_layout(run)
+
+
+def check_pipeline_layout(run: RunConfig) -> None:
+    """What DeepSpeed's pipeline engine can run, refused up front with what works instead."""
+    p, layers = run.parallel, run.model.num_hidden_layers
+    if p.engine != "deepspeed":
+        raise RunConfigError(
+            f"parallel.pipeline_stages={p.pipeline_stages} runs on DeepSpeed's pipeline engine: add parallel=zero1 "
+            f"(ZeRO-1, the stage pipelines support) or parallel.engine=deepspeed")
+    if p.zero_stage > 1:
+        raise RunConfigError(
+            f"parallel.pipeline_stages={p.pipeline_stages} with ZeRO stage {p.zero_stage}: DeepSpeed's pipeline engine "
+            f"supports ZeRO stages 0 and 1 only; use parallel=zero1 (or pipeline_stages=1 for ZeRO-2/3)")
+    if run.trainer.precision == "bf16" and p.zero_stage == 0:
+        raise RunConfigError(
+            "parallel.pipeline_stages>1 with trainer.precision=bf16 and ZeRO stage 0: DeepSpeed 0.19.8 cannot load "
+            "the checkpoints this combination writes (KeyError in its BF16_Optimizer); use parallel=zero1")
+    if p.pipeline_stages > layers:
+        raise RunConfigError(
+            f"parallel.pipeline_stages={p.pipeline_stages} is more than the model's {layers} decoder layers; every "
+            f"stage needs at least one: use pipeline_stages <= {layers}")
+    if p.expert_parallel > 1:
+        raise RunConfigError("parallel.pipeline_stages>1 together with parallel.expert_parallel>1 is not supported; "
+                             "choose one of them")
+
+
+def check_expert_layout(run: RunConfig) -> None:
+    """What expert parallelism can run, refused up front with what works instead."""
+    p, m = run.parallel, run.model
+    experts = getattr(m, "num_local_experts", None) if m.model_type == "jetmoe" else (
+        m.num_experts if getattr(m, "is_moe", False) else None)
+    if experts is None:
+        raise RunConfigError(
+            f"parallel.expert_parallel={p.expert_parallel} needs a mixture-of-experts model; {m.model_type} "
+            f"{'(is_moe: false) ' if m.model_type == 'doge' else ''}has no experts. Use an MoE preset "
+            f"(model=jetmoe-tiny, model=doge-tiny-moe, ...) or parallel.expert_parallel=1")
+    if experts % p.expert_parallel:
+        divisors = [d for d in range(1, experts + 1) if experts % d == 0 and d <= 64]
+        raise RunConfigError(
+            f"parallel.expert_parallel={p.expert_parallel} does not divide the model's {experts} experts; use one of "
+            f"{divisors}")
+    if p.engine == "deepspeed" and p.zero_stage == 3:
+        raise RunConfigError(
+            f"parallel.expert_parallel={p.expert_parallel} with ZeRO stage 3: DeepSpeed refuses its MoE parameter "
+            f"groups under ZeRO-3; use parallel=zero1, parallel=zero2 or parallel=ddp with expert parallelism")
 
 
 def data_config(schema: DataSchema, micro_batch_size: int, seed: int) -> DataConfig:
     """The data package's config; the batch size comes from the trainer (stated once)."""
-
     return DataConfig(
         sources=list(schema.sources),
         tokenizer=schema.tokenizer,

@@ -1,17 +1,19 @@
-"""Engines: how a parallel layout runs a training step. The loop holds one and never branches on
-which:
+"""Engines: how a parallel layout runs an optimizer step. The loop holds one and never branches on
+which, never counts micro-steps and never enters DDP's no_sync itself:
 
-    engine.forward(batch)     -> model output (under the configured precision)
-    engine.backward(loss)     gradients of Σ over ranks and micro-steps of `loss` (the loop passes this
-                              rank's share of the step objective; each engine undoes its own averaging)
-    engine.step(lr, only_new) -> (grad_norm, applied): clip, update, zero the gradients (only_new: the
-                              parameter groups tagged stage=old get learning rate 0)
-    engine.save(dir) / engine.load(dir)      optimizer (and engine) state, collectively
-    engine.export_state_dict()               full model weights (collective; every rank gets them)
+    engine.train_step(micro_batches, lr, only_new) -> StepResult   one optimizer step over this rank's
+                                              micro-batches (only_new: the parameter groups tagged
+                                              stage=old get learning rate 0)
+    engine.eval_step(batch) -> (Σ cross-entropy, target tokens)   this rank's share of a held-out batch
+    engine.save(dir) / engine.load(dir)       optimizer (and engine) state, collectively
+    engine.export_state_dict()                full model weights with their Hugging Face names
+                                              (collective; rank 0 gets them all)
 
-`TorchEngine` covers a single process and DDP; `DeepSpeedEngine` covers ZeRO 0–3 and offload. Model
-files know nothing of either: engines wrap the model from outside. Expert and pipeline parallelism
-are further engines behind the same interface.
+Every engine minimises the same objective (`models.loss`): the cross-entropy summed over the global
+batch's target tokens and divided by their number, plus the aux coefficient times the mean aux loss
+over micro-batches and data-parallel ranks. `TorchEngine` covers a single process and DDP,
+`DeepSpeedEngine` ZeRO 0–3 and offload; pipeline and expert parallelism are further engines behind the
+same interface. Model files know nothing of any of them: engines wrap the model from outside.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ import json
 import logging
 import math
 import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .distributed import Dist
+from models.loss import count_targets
+
+from .distributed import Topology
 from .optim import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -38,39 +44,140 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-class TorchEngine:
+@dataclass
+class StepResult:
+    """One optimizer step, over the whole global batch (the same on every rank)."""
+
+    loss: float  # mean token cross-entropy of the global batch
+    aux_loss: float | None  # mean load-balancing loss over micro-batches and replicas (MoE)
+    grad_norm: float
+    applied: bool  # False: the update was skipped (non-finite gradients)
+    tokens: int  # input tokens of the global batch
+    expert_counts: torch.Tensor | None = None  # (routers, experts) picks over the global batch (MoE)
+
+
+class _StepTotals:
+    """Running sums of one step's micro-batch outputs on this rank, reduced over the data-parallel
+    replicas once at the end (a single collective)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.cross_entropy = torch.zeros((), dtype=torch.float64, device=device)
+        self.aux = None
+        self.counts = None
+        self.tokens = 0
+        self.micro_batches = 0
+
+    def add(self, out, batch: dict) -> None:
+        self.cross_entropy += out.cross_entropy.detach().double()
+        if out.aux_loss is not None:
+            aux = out.aux_loss.detach().double()
+            self.aux = aux if self.aux is None else self.aux + aux
+        if out.expert_counts is not None:
+            counts = out.expert_counts.double()
+            self.counts = counts if self.counts is None else self.counts + counts
+        self.tokens += batch["input_ids"].numel()
+        self.micro_batches += 1
+
+    def result(self, topology: Topology, grad_norm: float, applied: bool) -> StepResult:
+        parts = [self.cross_entropy.reshape(1), torch.tensor([float(self.tokens)], dtype=torch.float64,
+                                                             device=self.device)]
+        if self.aux is not None:
+            parts.append(self.aux.reshape(1))
+        if self.counts is not None:
+            parts.append(self.counts.reshape(-1))
+        flat = topology.dp_all_reduce(torch.cat(parts)).cpu()
+        aux = float(flat[2]) / (self.micro_batches * topology.dp_size) if self.aux is not None else None
+        counts = flat[3:].reshape(self.counts.shape).float() if self.counts is not None else None
+        return StepResult(float(flat[0]), aux, grad_norm, applied, int(flat[1]), counts)
+
+
+def global_targets(micro_batches: list[dict], topology: Topology) -> torch.Tensor:
+    """Target tokens of the global batch: what each micro-batch's summed cross-entropy is divided by."""
+    local = sum(int(count_targets(b["shift_labels"])) for b in micro_batches)
+    (total,) = topology.dp_sum(local)
+    return torch.tensor(max(total, 1.0), dtype=torch.float32, device=topology.device)
+
+
+def _model_inputs(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class Engine:
+    """The step logic shared by engines that run micro-batches one after another in this process
+    (single process, DDP, ZeRO). Subclasses say how a micro-batch is run forward and backward, and how
+    the optimizer steps."""
+
+    topology: Topology
+    module: nn.Module  # the unwrapped model
+    model: nn.Module  # what is called (the wrapper, if any)
+    precision: str = "fp32"
+
+    def train_step(self, micro_batches: list[dict], lr: float, only_new: bool = False) -> StepResult:
+        batches = [_model_inputs(b, self.topology.device) for b in micro_batches]
+        targets = global_targets(batches, self.topology)
+        aux_weight = 1.0 / (len(batches) * self.topology.dp_size)
+        totals = _StepTotals(self.topology.device)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with self._micro_step(last):
+                out = self._forward(batch, num_items_in_batch=targets, aux_weight=aux_weight)
+                self._backward(out.loss, len(batches), last)
+            totals.add(out, batch)
+        grad_norm, applied = self._optimizer_step(lr, only_new)
+        return totals.result(self.topology, grad_norm, applied)
+
+    @torch.no_grad()
+    def eval_step(self, batch: dict) -> tuple[float, int]:
+        batch = _model_inputs(batch, self.topology.device)
+        self.model.eval()
+        try:
+            out = self._forward(batch, num_items_in_batch=1)
+        finally:
+            self.model.train()
+        return float(out.cross_entropy), int(count_targets(batch["shift_labels"]))
+
+    def _forward(self, batch: dict, **objective):
+        with autocast(self.topology.device, self.precision):
+            return self.model(**batch, **objective)
+
+    def _micro_step(self, last: bool):
+        return contextlib.nullcontext()
+
+    def _backward(self, loss: torch.Tensor, micro_batches: int, last: bool) -> None:
+        raise NotImplementedError
+
+    def _optimizer_step(self, lr: float, only_new: bool) -> tuple[float, bool]:
+        raise NotImplementedError
+
+
+class TorchEngine(Engine):
     """One process, or torch DDP over the process group. fp32 master weights; bf16 runs under autocast."""
 
-    def __init__(self, model: nn.Module, optim_cfg, precision: str, dist: Dist, accumulation: int):
-        self.module = model.to(dist.device)
-        self.dist, self.precision, self.accumulation = dist, precision, accumulation
+    def __init__(self, model: nn.Module, optim_cfg, precision: str, topology: Topology):
+        self.module = model.to(topology.device)
+        self.topology, self.precision = topology, precision
         self.grad_clip = optim_cfg.grad_clip
-        self.optimizer = build_optimizer(self.module, optim_cfg, dist.device.type)
-        if dist.world_size > 1:
+        self.optimizer = build_optimizer(self.module, optim_cfg, topology.device.type)
+        if topology.dp_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.module, device_ids=ids)
+            ids = [topology.device.index] if topology.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.module, device_ids=ids, process_group=topology.dp_group)
         else:
             self.model = self.module
-        self._micro = 0
 
-    def forward(self, **batch):
+    def _micro_step(self, last: bool):
         # DDP all-reduces gradients in the last micro-step's backward only
-        last = (self._micro + 1) % self.accumulation == 0
-        sync = contextlib.nullcontext() if last or self.dist.world_size == 1 else self.model.no_sync()
-        self._sync = sync
-        sync.__enter__()
-        with autocast(self.dist.device, self.precision):
-            return self.model(**batch)
+        if last or self.model is self.module:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        # DDP averages gradients over ranks; the objective is their sum
-        (loss * self.dist.world_size).backward()
-        self._sync.__exit__(None, None, None)
-        self._micro += 1
+    def _backward(self, loss: torch.Tensor, micro_batches: int, last: bool) -> None:
+        # DDP averages gradients over replicas; the objective is their sum
+        (loss * self.topology.dp_size).backward()
 
-    def step(self, lr: float, only_new: bool = False) -> tuple[float, bool]:
+    def _optimizer_step(self, lr: float, only_new: bool) -> tuple[float, bool]:
         set_learning_rates(self.optimizer, lr, only_new)
         params = [p for p in self.module.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
@@ -87,14 +194,14 @@ class TorchEngine:
     def save(self, directory: Path) -> None:
         """The AdamW state keyed by parameter name (not by position), so that a checkpoint still loads
         when the parameter groups change, or parameters are added (upcycling)."""
-        if self.dist.is_main:  # replicated on every rank
+        if self.topology.is_main:  # replicated on every rank
             names = self._names()
             state = {names[id(p)]: self.optimizer.state[p] for g in self.optimizer.param_groups for p in g["params"]
                      if p in self.optimizer.state}
             torch.save({"format": "adamw-by-name", "state": state}, directory / "optimizer.pt")
 
     def load(self, directory: Path) -> None:
-        saved = torch.load(directory / "optimizer.pt", map_location=self.dist.device, weights_only=True)
+        saved = torch.load(directory / "optimizer.pt", map_location=self.topology.device, weights_only=True)
         if saved.get("format") != "adamw-by-name":
             raise RuntimeError(f"{directory / 'optimizer.pt'}: not an optimizer state this trainer wrote")
         load_optimizer_by_name(self.optimizer, self._names(), saved["state"])
@@ -136,8 +243,6 @@ def deepspeed_config(parallel_cfg, trainer_cfg, optim_cfg, accumulation: int) ->
     if parallel_cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if parallel_cfg.offload_param:
-        if parallel_cfg.zero_stage != 3:
-            raise ValueError("parallel.offload_param needs ZeRO stage 3")
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config = {
         "train_batch_size": trainer_cfg.global_batch_size,
@@ -162,44 +267,58 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-class DeepSpeedEngine:
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def import_deepspeed(topology: Topology):
+    """deepspeed, ready for this process: its CPU accelerator on CPU, no shared-memory comm op build,
+    and a one-process rendezvous when no launcher started us (DeepSpeed would otherwise look for MPI
+    and fail with `No module named 'mpi4py'`)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if topology.device.type == "cuda" else "cpu")
+    if topology.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    import deepspeed
+
+    # The shared-memory comm op is a C++ build (~30 s) at every first start on CPU; gloo does the
+    # same job here.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO (stages 0–3, optional CPU offload) via `deepspeed.initialize`, with our AdamW
     and weight-decay groups as its client optimizer."""
 
-    def __init__(self, model: nn.Module, optim_cfg, ds_config: dict, dist: Dist):
-        import deepspeed
-
-        # The shared-memory comm op is a C++ build (~30 s) at every first start on CPU; gloo does the
-        # same job here.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if dist.device.type == "cuda" else "cpu")
-        self.dist = dist
+    def __init__(self, model: nn.Module, optim_cfg, ds_config: dict, topology: Topology):
+        deepspeed = import_deepspeed(topology)
+        self.topology = topology
         self.module = model
-        optimizer = build_optimizer(model, optim_cfg, dist.device.type)
+        self.precision = "fp32"  # DeepSpeed's bf16 mode casts the model itself; no autocast on top
+        optimizer = build_optimizer(model, optim_cfg, topology.device.type)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine
         self.stage = ds_config["zero_optimization"]["stage"]
-        self.accumulation = ds_config["gradient_accumulation_steps"]
         self._bad = False
         logger.info("deepspeed config: %s", json.dumps(ds_config))
 
-    def forward(self, **batch):
-        return self.engine(**batch)
-
-    def backward(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor, micro_batches: int, last: bool) -> None:
         # DeepSpeed divides by the accumulation steps and averages over ranks; the objective is the sum.
         if not torch.isfinite(loss.detach()).all():
             # Keep DeepSpeed's micro-step bookkeeping in step with zero gradients instead of NaNs.
             self._bad = True
             loss = sum(p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad)
-        self.engine.backward(loss * self.dist.world_size * self.accumulation)
-        if not self.engine.is_gradient_accumulation_boundary():
+        self.engine.backward(loss * self.topology.dp_size * micro_batches)
+        if not last:
             # DeepSpeed counts micro-steps in step(); it updates only at the accumulation boundary,
-            # which `step(lr)` below takes once the learning rate is set.
+            # which `_optimizer_step` takes once the learning rate is set.
             self.engine.step()
 
-    def step(self, lr: float, only_new: bool = False) -> tuple[float, bool]:
-        bad = self.dist.any(self._bad)
+    def _optimizer_step(self, lr: float, only_new: bool) -> tuple[float, bool]:
+        bad = self.topology.any(self._bad)
         # A non-finite step cannot be skipped inside DeepSpeed without desynchronising it: it is
         # neutralised instead (zero gradients, zero learning rate).
         set_learning_rates(self.optimizer, 0.0 if bad else lr, only_new)
@@ -236,10 +355,8 @@ class DeepSpeedEngine:
         return module.state_dict()
 
 
-def build_engine(run, model: nn.Module, dist: Dist, accumulation: int):
+def build_engine(run, model: nn.Module, topology: Topology, accumulation: int):
     if run.parallel.engine == "deepspeed":
         ds_config = deepspeed_config(run.parallel, run.trainer, run.optim, accumulation)
-        return DeepSpeedEngine(model.to(dist.device), run.optim, ds_config, dist)
-    if run.parallel.zero_stage:
-        raise ValueError("parallel.zero_stage needs parallel.engine=deepspeed")
-    return TorchEngine(model, run.optim, run.trainer.precision, dist, accumulation)
+        return DeepSpeedEngine(model.to(topology.device), run.optim, ds_config, topology)
+    return TorchEngine(model, run.optim, run.trainer.precision, topology)

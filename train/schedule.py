@@ -56,17 +56,30 @@ class Schedule:
         return self.peak_lr * self.factor(step)
 
     def describe(self) -> str:
+        warmup = _span("warmup", self.warmup_type, 0, self.warmup_steps)
         if self.name == "constant":
-            return f"constant lr {self.peak_lr:g} after {self.warmup_steps} {self.warmup_type} warmup steps"
-        return (
-            f"{self.name}: peak lr {self.peak_lr:g}; {self.warmup_type} warmup steps 0-{self.warmup_steps - 1}; "
-            f"stable to step {self.decay_start - 1}; {self.decay_type} decay over steps {self.decay_start}-"
-            f"{self.decay_start + self.decay_steps - 1} to {self.min_lr_ratio:g} x peak; {self.total_steps} steps"
-        )
+            return f"constant: peak lr {self.peak_lr:g}; {warmup}; then constant; {self.total_steps} steps"
+        stable = _span("stable", "", self.warmup_steps, self.decay_start)
+        decay = _span("decay", self.decay_type, self.decay_start, self.decay_start + self.decay_steps)
+        parts = [f"{self.name}: peak lr {self.peak_lr:g}", warmup]
+        if self.name == "wsd":
+            parts.append(stable)
+        parts += [decay if self.decay_steps == 0 else f"{decay} to {self.min_lr_ratio:g} x peak", f"{self.total_steps} steps"]
+        return "; ".join(parts)
+
+
+def _span(phase: str, kind: str, start: int, stop: int) -> str:
+    """'linear warmup over steps 0-9', '... step 4', or 'no warmup' for an empty phase [start, stop)."""
+    if stop <= start:
+        return f"no {phase}"
+    what = f"{kind} {phase}".strip()
+    where = f"step {start}" if stop - start == 1 else f"steps {start}-{stop - 1}"
+    return f"{what} {where}" if phase == "stable" else f"{what} over {where}"
 
 
 def build_schedule(cfg, peak_lr: float, total_steps: int, branch_from: int | None = None) -> Schedule:
-    """cfg: a SchedulerSchema. `branch_from`: the step of the checkpoint a decay branch starts at."""
+    """cfg: a SchedulerSchema. `branch_from`: the step of the checkpoint a decay branch starts at.
+    Raises ValueError, naming the keys, when the phases do not fit in the run."""
     warmup = _steps(cfg.warmup, total_steps, "warmup")
     common = dict(warmup_type=cfg.warmup_type, decay_type=cfg.decay_type, min_lr_ratio=cfg.min_lr_ratio)
     if branch_from is not None:
@@ -76,12 +89,17 @@ def build_schedule(cfg, peak_lr: float, total_steps: int, branch_from: int | Non
             raise ValueError(f"a decay branch must start after warmup (step {branch_from} < {warmup})")
         total = branch_from + cfg.branch_decay_steps
         return Schedule("wsd", peak_lr, total, warmup, branch_from, cfg.branch_decay_steps, **common)
+    decay = _steps(cfg.decay, total_steps, "decay") if cfg.name == "wsd" else 0
+    if warmup + decay > total_steps:
+        phases = f"scheduler.warmup={cfg.warmup:g} ({warmup} steps)"
+        if cfg.name == "wsd":
+            phases += f" + scheduler.decay={cfg.decay:g} ({decay} steps) = {warmup + decay} steps"
+        raise ValueError(
+            f"{phases}: longer than the run (trainer.max_steps={total_steps}); shorten them (fractions < 1 scale with the "
+            f"run) or lengthen the run")
     if cfg.name == "constant":
         return Schedule("constant", peak_lr, total_steps, warmup, total_steps, 0, **common)
     if cfg.name == "cosine":
         return Schedule("cosine", peak_lr, total_steps, warmup, warmup, total_steps - warmup,
                         cfg.warmup_type, "cosine", cfg.min_lr_ratio)
-    decay = _steps(cfg.decay, total_steps, "decay")
-    if warmup + decay > total_steps:
-        raise ValueError(f"warmup ({warmup}) + decay ({decay}) steps exceed the run ({total_steps} steps)")
     return Schedule("wsd", peak_lr, total_steps, warmup, total_steps - decay, decay, **common)

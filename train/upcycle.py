@@ -76,7 +76,7 @@ def upcycle_model(dense: models.CausalLM, config: DogeConfig, init: str, std: fl
         else:
             new.append(name)
     std = std if std is not None else config.initializer_range
-    for layer in moe.model.layers:
+    for layer in moe.model.layers.values():
         layer.mlp.router_gate.weight.normal_(0.0, std)
         layer.mlp.down_embed.weight.normal_(0.0, std)
         if init == "zero":

@@ -35,18 +35,22 @@ def _same_logits(a, b):
         return torch.equal(a(ids).logits, b(ids).logits)
 
 
-def test_round_trip_is_exact_and_keeps_the_config(saved):
-    loaded = models.from_pretrained(saved)
-    again = models.from_pretrained(saved)
-    assert _same_logits(loaded, again)
-    assert loaded.config == DogeConfig(**TINY)
+def test_round_trip_is_exact_and_keeps_the_config(tmp_path):
+    original = models.build(DogeConfig(**TINY))
+    original.save_pretrained(tmp_path / "m")
+    loaded = models.from_pretrained(tmp_path / "m")
+    assert loaded.state_dict().keys() == original.state_dict().keys()
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert _same_logits(original, loaded)
+    assert loaded.config == original.config == DogeConfig(**TINY)
 
 
 def test_dtype_choice_on_load(saved):
     model = models.from_pretrained(saved, dtype=torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
     # rotary frequencies stay fp32 in a bf16 model, as in transformers
-    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert all(layer.rotary_emb.inv_freq.dtype == torch.float32 for layer in model.model.layers.values())
     model.save_pretrained(saved.parent / "bf16")
     assert json.loads((saved.parent / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     assert models.from_pretrained(saved.parent / "bf16", dtype=None).lm_head.weight.dtype == torch.bfloat16

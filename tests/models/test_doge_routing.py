@@ -109,6 +109,6 @@ def test_moe_experts_receive_gradient():
     model = models.build(config)
     ids = torch.randint(0, 64, (2, 12))
     model(ids, labels=ids).loss.backward()
-    for layer in model.model.layers:
+    for layer in model.model.layers.values():
         for p in (layer.mlp.router_gate.weight, layer.mlp.down_embed.weight, layer.mlp.up_embed.weight):
             assert p.grad is not None and p.grad.abs().sum() > 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import models
-from models.layers import causal_lm_loss
+from models.loss import causal_lm_loss
 
 from .helpers import batch, future_token_changes_past, hf_load, perturb, save_pairs
 
@@ -86,7 +86,7 @@ def test_aux_loss_trains_the_routers(saved):
     ours = models.from_pretrained(saved["default"][0])
     ids = torch.randint(0, 64, (2, SEQ))
     ours(ids).aux_loss.backward()
-    for layer in ours.model.layers:
+    for layer in ours.model.layers.values():
         assert layer.mlp.router.layer.weight.grad.abs().sum() > 0
         assert layer.self_attention.experts.router.layer.weight.grad.abs().sum() > 0
 
@@ -121,10 +121,10 @@ def test_expert_compute_never_reads_back_from_the_device(monkeypatch):
 
 def test_expert_layout_is_experts_out_in(saved):
     model = models.from_pretrained(saved["default"][0])
-    mlp = model.model.layers[0].mlp
+    mlp = model.model.layers["0"].mlp
     assert tuple(mlp.input_linear.weight.shape) == (4, 48, 32)  # (E, 2I, D)
     assert tuple(mlp.output_linear.weight.shape) == (4, 32, 24)  # (E, D, I)
-    attn = model.model.layers[0].self_attention.experts
+    attn = model.model.layers["0"].self_attention.experts
     assert tuple(attn.input_linear.weight.shape) == (4, 16, 32)  # (E, Hkv*d, D)
 
 

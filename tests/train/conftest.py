@@ -34,13 +34,16 @@ def env(cache_dir):
     return e
 
 
-def run_train(overrides: list[str], env: dict, nproc: int = 1, check: bool = True, timeout: int = 300):
+def run_train(overrides: list[str], env: dict, nproc: int = 1, check: bool = True, timeout: int = 300,
+              module: list[str] = ("train",)):
+    """`python -m train` (or `module`, e.g. the kill-after-checkpoint wrapper) as a subprocess, under
+    torchrun with `nproc` > 1."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "train", *overrides]
+        cmd = [sys.executable, "-m", *module, *overrides]
     else:
         # --standalone: torchrun picks a free port itself (no race between choosing one and binding it)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "train", *overrides]
+               "-m", *module, *overrides]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-20000:]}")
@@ -60,6 +63,9 @@ def compose(overrides: list[str]) -> dict:
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
+    from train.config import register_configs
+
+    register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = hydra_compose("config", overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)

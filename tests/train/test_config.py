@@ -1,14 +1,15 @@
-"""Configs: every group and experiment composes and validates; bad keys and types stop the run before
-any work, naming the key and the valid choices."""
+"""Configs: every group and experiment composes on the typed schema and validates; bad keys, types and
+value domains stop the run before any work, naming the key and the fix."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
-from train.cli import check_override_keys, strip_launcher_arguments
-from train.config import RunConfigError, validate
+from train.cli import check_overrides, strip_launcher_arguments
+from train.config import OptimSchema, RunConfigError, TrainerSchema, validate
 from train.engine import deepspeed_config
 
 from .conftest import CONFIG_DIR, compose, run_train
@@ -21,7 +22,20 @@ MODELS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
 def test_default_config_is_the_quickstart():
     run = validate(compose([]))
     assert run.model.model_type == "doge" and run.data.sources[0].path == "builtin:python-stdlib"
-    assert run.trainer.output_dir == "outputs/quickstart"
+    assert run.trainer.output_dir == "outputs/quickstart" and run.trainer.max_steps == 300
+
+
+def test_presets_state_only_what_differs_from_the_schema():
+    """A group preset that repeats a schema default is how two defaults drift apart; none does."""
+    from train.config import LoggerSchema, ParallelSchema, SchedulerSchema
+
+    schemas = {"optim": OptimSchema(), "trainer": TrainerSchema(), "parallel": ParallelSchema(),
+               "scheduler": SchedulerSchema(), "logger": LoggerSchema()}
+    for group, schema in schemas.items():
+        for preset in (Path(CONFIG_DIR) / group).glob("*.yaml"):
+            values = yaml.safe_load(preset.read_text()) or {}
+            repeated = [k for k, v in values.items() if k != "name" and k != "engine" and getattr(schema, k) == v]
+            assert not repeated, f"{preset}: {repeated} repeat the schema's defaults"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -52,11 +66,15 @@ def test_doge_recipes_as_published():
 @pytest.mark.parametrize("parallel", PARALLEL)
 def test_parallel_groups_and_the_generated_deepspeed_json(parallel):
     run = validate(compose([f"parallel={parallel}", "trainer.global_batch_size=32", "trainer.micro_batch_size=4"]))
-    if run.parallel.engine == "deepspeed":
-        ds = deepspeed_config(run.parallel, run.trainer, run.optim, accumulation=4)
-        # batch sizes derived once from the trainer: 32 = 4 micro x 4 accumulation x 2 ranks
-        assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)
-        assert ds["zero_optimization"]["stage"] == run.parallel.zero_stage
+    if run.parallel.engine == "ddp":
+        assert run.parallel.zero_stage == 0 and not run.parallel.offload_optimizer and not run.parallel.offload_param
+        return
+    ds = deepspeed_config(run.parallel, run.trainer, run.optim, accumulation=4)
+    # batch sizes derived once from the trainer: 32 = 4 micro x 4 accumulation x 2 ranks
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)
+    assert ds["zero_optimization"]["stage"] == run.parallel.zero_stage == int(parallel[4])
+    assert ("offload_optimizer" in ds["zero_optimization"]) == parallel.endswith("offload")
+    assert ("offload_param" in ds["zero_optimization"]) == (parallel == "zero3-offload")
 
 
 def test_extra_deepspeed_keys_are_merged_last():
@@ -73,30 +91,77 @@ def test_every_model_preset_composes(model):
 
 
 def test_unknown_keys_name_the_key_and_the_choices():
-    assert "unknown config key optim.lrr. Did you mean lr?" in check_override_keys(["optim.lrr=1"])
-    assert "Valid keys of trainer: [" in check_override_keys(["trainer.max_step=3"])
-    assert "data.tokenizer.vocab" in check_override_keys(["data.tokenizer.vocab=3"])
-    assert "model.hidden" in check_override_keys(["model.hidden=3"])
-    assert check_override_keys(["optim.lr=1", "model=glm4-tiny", "data.sources.0.path=x", "+foo=1"]) is None
+    assert "unknown config key optim.lrr. Did you mean lr?" in check_overrides(["optim.lrr=1"])
+    assert "Valid keys of trainer: [" in check_overrides(["trainer.max_step=3"])
+    assert "data.tokenizer.vocab" in check_overrides(["data.tokenizer.vocab=3"])
+    assert "data.sources.0.wieght. Did you mean weight?" in check_overrides(["data.sources.0.wieght=3"])
+    assert "model.hidden" in check_overrides(["model.hidden=3"])
+    assert check_overrides(["optim.lr=1", "model=glm4-tiny", "data.sources.0.path=x", "+foo=1",
+                            "model.hidden_dropout=0.1", "optim.lr=1e-3,2e-3"]) is None
     with pytest.raises(RunConfigError, match=r"unknown config key optim.lrr.*Did you mean lr"):
-        validate(compose(["+optim.lrr=1"]))
+        validate({**compose([]), "optim": {"lrr": 1}})
     with pytest.raises(RunConfigError, match=r"model: unknown key 'hidden' in the 'doge' model config"):
         validate(compose(["+model.hidden=3"]))
 
 
 def test_wrong_types_and_choices():
-    with pytest.raises(RunConfigError, match=r"trainer.max_steps: expected an integer, got 'many'"):
-        validate(compose(["trainer.max_steps=many"]))
+    assert "trainer.max_steps: Value 'many'" in check_overrides(["trainer.max_steps=many"])
     with pytest.raises(RunConfigError, match=r"trainer.precision='fp8' is not one of \['fp32', 'bf16'\]"):
         validate(compose(["trainer.precision=fp8"]))
     with pytest.raises(RunConfigError, match=r"parallel.zero_stage=4 is not one of"):
         validate(compose(["parallel.zero_stage=4"]))
 
 
-def test_cli_refuses_a_bad_key_before_any_work(env):
-    proc = run_train(["optim.lrr=1"], env, check=False, timeout=60)
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=-1", r"optim.lr=-1.0 must be > 0"),
+    ("optim.lr=0", r"optim.lr=0.0 must be > 0"),
+    ("optim.betas=[0.9,1.5]", r"optim.betas=\[0.9, 1.5\] must be two numbers in \[0, 1\)"),
+    ("optim.eps=0", r"optim.eps=0.0 must be > 0"),
+    ("optim.weight_decay=-0.1", r"optim.weight_decay=-0.1 must be >= 0"),
+    ("optim.grad_clip=-1", r"optim.grad_clip=-1.0 must be >= 0"),
+    ("data.seq_len=0", r"data.seq_len=0 must be >= 1"),
+    ("trainer.micro_batch_size=0", r"trainer.micro_batch_size=0 must be >= 1"),
+    ("trainer.global_batch_size=0", r"trainer.global_batch_size=0 must be >= 1"),
+    ("trainer.max_steps=0", r"trainer.max_steps=0 must be >= 1"),
+    ("scheduler.min_lr_ratio=2", r"scheduler.min_lr_ratio=2.0 must be in \[0, 1\]"),
+    ("scheduler.warmup=-5", r"scheduler.warmup=-5.0 must be >= 0"),
+    ("trainer.max_steps=10 scheduler.warmup=8 scheduler.decay=4", r"\(8 steps\) \+ scheduler.decay=4 \(4 steps\) = 12 "
+     r"steps: longer than the run \(trainer.max_steps=10\)"),
+    ("scheduler=cosine trainer.max_steps=10 scheduler.warmup=12", r"scheduler.warmup=12 \(12 steps\): longer than"),
+    ("scheduler=constant trainer.max_steps=10 scheduler.warmup=11", r"scheduler.warmup=11 \(11 steps\): longer than"),
+    ("parallel.offload_param=true", r"parallel.offload_param=True needs ZeRO stage 3"),
+    ("parallel.zero_stage=2", r"parallel.zero_stage=2 needs parallel.engine=deepspeed"),
+])
+def test_value_domains_are_checked_before_any_work(override, message):
+    with pytest.raises(RunConfigError, match=message):
+        validate(compose(override.split()))
+
+
+def test_cli_refuses_a_bad_key_before_any_work(env, tmp_path):
+    proc = run_train(["optim.lrr=1", f"trainer.output_dir={tmp_path / 'out'}"], env, check=False, timeout=60)
     assert proc.returncode == 2
     assert "unknown config key optim.lrr. Did you mean lr?" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_bad_value_with_one_message_and_writes_nothing(env, tmp_path):
+    proc = run_train(["optim.lr=-1", f"trainer.output_dir={tmp_path / 'out'}"], env, check=False, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: optim.lr=-1.0 must be > 0 (the peak learning rate, e.g. 3e-3)"
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_preset(env):
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "train", "--help"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0
+    for name in [*MODELS, *EXPERIMENTS, *PARALLEL]:
+        assert name in proc.stdout, name
 
 
 def test_launcher_local_rank_argument_is_accepted(monkeypatch):

@@ -10,9 +10,8 @@ import torch
 import models
 from data import HeldOut, TokenLoader, build_tokenizer
 from train.config import data_config, validate
-from train.distributed import Dist
+from train.distributed import Topology
 from train.engine import TorchEngine
-from train.loop import train_step
 from train.schedule import build_schedule
 
 from .conftest import FAST, compose, losses, run_train
@@ -38,14 +37,12 @@ def reference(tmp_path_factory, cache_dir):
     model = models.build(run.model)
     accumulation = t.global_batch_size // (t.micro_batch_size * 2)
     loaders = [iter(TokenLoader(dcfg, tokenizer, rank, 2, heldout)) for rank in range(2)]
-    single = Dist(0, 0, 1, torch.device("cpu"))
-    engine = TorchEngine(model, run.optim, t.precision, single, accumulation=2 * accumulation)
+    engine = TorchEngine(model, run.optim, t.precision, Topology(0, 0, 1, torch.device("cpu")))
     schedule = build_schedule(run.scheduler, run.optim.lr, t.max_steps)
     out = {}
     for step in range(STEPS):
         micro = [next(loader) for loader in loaders for _ in range(accumulation)]
-        ce, *_ = train_step(engine, micro, schedule(step), single, model.aux_loss_coef)
-        out[step + 1] = ce
+        out[step + 1] = engine.train_step(micro, schedule(step)).loss
     return out
 
 

@@ -60,5 +60,5 @@ def test_decay_branch_starts_at_the_checkpoint():
 
 
 def test_bad_schedules():
-    with pytest.raises(ValueError, match="exceed the run"):
+    with pytest.raises(ValueError, match="longer than the run"):
         build_schedule(SchedulerSchema(warmup=60, decay=60), 1.0, 100)

@@ -48,7 +48,7 @@ def test_zero_init_upcycle_is_function_preserving(dense_dir, tmp_path, capsys):
     ids = torch.randint(0, 64, (2, 20))
     dense = models.from_pretrained(dense_dir)
     assert torch.equal(_logits(moe, ids), _logits(dense, ids))
-    for layer_moe, layer_dense in zip(moe.model.layers, dense.model.layers):
+    for layer_moe, layer_dense in zip(moe.model.layers.values(), dense.model.layers.values()):
         assert torch.equal(layer_moe.mlp.gate_proj.weight, layer_dense.mlp.gate_proj.weight)  # shared expert = dense MLP
         assert layer_moe.mlp.up_embed.weight.abs().sum() == 0 and layer_moe.mlp.down_embed.weight.std() > 0
     transformers = pytest.importorskip("transformers")
@@ -159,7 +159,7 @@ def test_dense_training_then_moe_continues_without_a_spike(tmp_path, env):
     assert moe_eval < dense_eval + 0.02  # and the held-out loss is no worse than the dense run's
     final = models.from_pretrained(tmp_path / "moe" / "checkpoints" / "step-50")
     start = models.from_pretrained(tmp_path / "moe-start")
-    for layer, initial in zip(final.model.layers, start.model.layers):
+    for layer, initial in zip(final.model.layers.values(), start.model.layers.values()):
         assert layer.mlp.up_embed.weight.abs().sum() > 0  # experts received gradient
         assert not torch.equal(layer.mlp.down_embed.weight, initial.mlp.down_embed.weight)
         assert not torch.equal(layer.mlp.router_gate.weight, initial.mlp.router_gate.weight)

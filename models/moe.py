@@ -1,0 +1,183 @@
+"""Mixture-of-experts pieces shared by the MoE architectures: expert weights, the top-k router, the
+(token, slot) -> expert dispatch plan, grouped expert GEMMs, and the router statistics that make up
+the load-balancing loss.
+
+Routing, dispatch and expert compute are separate functions so that an expert-parallel engine can put
+a rank's slice of `Experts.weight` (experts are the leading dim) between dispatch and combine without
+touching model files.
+
+Router statistics travel between decoder layers as one tensor, `router_stats`, of shape
+(routers, 2E + 1): row r is router r's [pick counts per expert (E) | summed router probability per
+expert (E) | tokens counted (1)], written by the layer that owns router r. Only tensors cross a
+pipeline-stage boundary, and the head forms the aux loss from the rows of all layers, wherever they
+ran, so the objective is the same for one process and for P pipeline stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Experts(nn.Module):
+    """E linear maps stored as one (E, out, in) tensor, the layout of transformers' checkpoints and of
+    grouped-GEMM kernels. Expert e computes F.linear(x, weight[e])."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+    def forward(self, x_sorted: torch.Tensor, dispatch: "ExpertDispatch") -> torch.Tensor:
+        return grouped_linear(x_sorted, self.weight, dispatch)
+
+
+class TopKRouter(nn.Module):
+    """logits = W h (in the model dtype, then fp32); keep the top k; softmax over those k only."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.layer = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def forward(self, h: torch.Tensor):
+        logits = self.layer(h).float()  # (N, E)
+        top_logits, experts = logits.topk(self.top_k, dim=-1)
+        gates = torch.softmax(top_logits, dim=-1).type_as(h)
+        return gates, experts, logits
+
+
+@dataclass
+class ExpertDispatch:
+    """(token, slot) pairs sorted by expert, found with tensor ops only (argsort + counts + cumsum):
+    nothing is read back to the host, so the step never waits on the device.
+
+    order: (N*k,) flat pair index (token * k + slot) in expert order
+    token: (N*k,) the token of each sorted pair
+    expert: (N*k,) the expert of each sorted pair (ascending)
+    group_end: (E,) int32, cumulative pair counts: expert e owns sorted rows [group_end[e-1], group_end[e])
+    """
+
+    order: torch.Tensor
+    token: torch.Tensor
+    expert: torch.Tensor
+    group_end: torch.Tensor
+
+    @classmethod
+    def plan(cls, experts: torch.Tensor, num_experts: int) -> "ExpertDispatch":
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        return cls(order, order // experts.shape[-1], flat[order], torch.cumsum(counts, 0, dtype=torch.int32))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: grouped_mm's CPU backward rejects the
+    stride-0 gradients that `.sum()` and broadcasts produce."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm"):
+        return False
+    aligned = all((n * x.element_size()) % 16 == 0 for n in weight.shape[1:])
+    if x.device.type == "cpu":
+        return aligned
+    # CUDA kernels take bf16 (sm80+); other dtypes use the fallback below.
+    return aligned and x.dtype == weight.dtype == torch.bfloat16
+
+
+def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, dispatch: ExpertDispatch) -> torch.Tensor:
+    """Row r of `x_sorted` (sorted by expert) times weight[expert_r]ᵀ, with no host synchronisation.
+
+    Uses torch's grouped GEMM (one kernel over jagged groups, offsets stay on the device). Where that
+    kernel does not apply (e.g. fp32 on CUDA), falls back to one dense matmul per expert over all rows,
+    masked: E/k times the FLOPs, still sync-free; fine for the small E of JetMoE-style layers."""
+    if torch.is_autocast_enabled(x_sorted.device.type):
+        dtype = torch.get_autocast_dtype(x_sorted.device.type)
+        x_sorted, weight = x_sorted.to(dtype), weight.to(dtype)
+    else:
+        x_sorted = x_sorted.to(weight.dtype)
+    if _grouped_mm_fits(x_sorted, weight):
+        return _ContiguousGrad.apply(F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=dispatch.group_end))
+    out = x_sorted.new_zeros(x_sorted.shape[0], weight.shape[1])
+    for e in range(weight.shape[0]):
+        mine = (dispatch.expert == e).unsqueeze(-1)
+        out = torch.where(mine, F.linear(x_sorted, weight[e]), out)
+    return out
+
+
+@dataclass
+class RouterStats:
+    """One router's contribution to a load-balancing loss.
+
+    expert_counts: (E,) picks per expert (padding excluded); expert_prob_sum: (E,) Σ over tokens of the
+    router's probability for each expert; num_tokens: () tokens counted."""
+
+    expert_counts: torch.Tensor
+    expert_prob_sum: torch.Tensor
+    num_tokens: torch.Tensor
+
+    def row(self) -> torch.Tensor:
+        """This router's row of the `router_stats` tensor (fp32)."""
+        return torch.cat([self.expert_counts.float(), self.expert_prob_sum.float(),
+                          self.num_tokens.float().reshape(1).to(self.expert_counts.device)])
+
+
+def new_router_stats(num_routers: int, num_experts: int, device) -> torch.Tensor:
+    """The empty (routers, 2E + 1) statistics tensor a forward pass starts with."""
+    return torch.zeros(num_routers, 2 * num_experts + 1, dtype=torch.float32, device=device)
+
+
+def record_router_stats(router_stats: torch.Tensor, router_index: int, stats: RouterStats) -> torch.Tensor:
+    """`router_stats` with row `router_index` set to `stats` (out of place, so autograd keeps both)."""
+    index = torch.tensor([router_index], device=router_stats.device)
+    return router_stats.index_copy(0, index, stats.row()[None])
+
+
+def expert_counts(router_stats: torch.Tensor) -> torch.Tensor:
+    """(routers, E) pick counts per router."""
+    return router_stats[:, : (router_stats.shape[1] - 1) // 2]
+
+
+def count_picks(experts: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None):
+    """Per-expert pick counts of (N, k) expert ids and the number of tokens counted, padding excluded
+    when a (B, S) token mask is given (tokens flattened batch-major, as the router sees them)."""
+    weights = torch.ones(experts.shape, dtype=torch.float32, device=experts.device)
+    if token_mask is None:
+        num_tokens = torch.tensor(float(experts.shape[0]), device=experts.device)
+    else:
+        m = token_mask.reshape(-1).to(device=experts.device, dtype=torch.float32)
+        weights = weights * m[:, None]
+        num_tokens = m.sum()
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=experts.device)
+    return counts.scatter_add_(0, experts.reshape(-1), weights.reshape(-1)), num_tokens
+
+
+def softmax_router_stats(logits: torch.Tensor, experts: torch.Tensor, token_mask: torch.Tensor | None) -> RouterStats:
+    """Statistics of a plain softmax router: probabilities over all E experts, picks = `experts`."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    if token_mask is not None:
+        probs = probs * token_mask.reshape(-1, 1).to(probs)
+    counts, num_tokens = count_picks(experts, logits.shape[-1], token_mask)
+    return RouterStats(counts, probs.sum(0), num_tokens)
+
+
+def load_balancing_loss(router_stats: torch.Tensor, picks_per_token: int) -> torch.Tensor:
+    """Switch-transformer load balancing over all routers: E · Σ_e f_e · p_e, where p_e is the mean
+    router probability of expert e and f_e = picks of e / (tokens · picks_per_token). With
+    picks_per_token = k the f_e sum to 1 (Doge's convention); with 1 they sum to k (JetMoE's)."""
+    total = router_stats.sum(0)
+    num_experts = (total.shape[0] - 1) // 2
+    counts, probs, tokens = total[:num_experts], total[num_experts : 2 * num_experts], total[-1]
+    return num_experts * torch.sum((counts / (tokens * picks_per_token)) * (probs / tokens))
