@@ -29,7 +29,7 @@ from . import checkpoint
 from .config import RunConfig, RunConfigError, data_config
 from .distributed import Dist, setup, teardown
 from .engine import build_engine
-from .metrics import MetricsLogger, measured_peak_flops
+from .metrics import MetricsLogger, expert_shares, measured_peak_flops
 from .schedule import build_schedule
 
 logger = logging.getLogger("train")
@@ -250,7 +250,10 @@ def _train(run: RunConfig, dist: Dist, config_dict: dict) -> dict:
                 }
                 if expert_counts is not None:
                     record["aux_loss"] = aux_total / (accumulation * dist.world_size)
-                    record.update(_expert_load(dist.all_reduce(expert_counts.float())))
+                    counts = dist.all_reduce(expert_counts.float())
+                    record.update(_expert_load(counts))
+                    if evaluate_now or step == max_steps:  # per-expert shares: big lines, so only now and then
+                        record["expert_load"] = expert_shares(counts)
                 if evaluate_now:
                     record.update(evaluate())
                 metrics.log(step, record)
