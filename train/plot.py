@@ -158,14 +158,12 @@ def sweep_points(sweep_dir: Path) -> list[Path]:
 # Figures
 
 
-def _pyplot():
-    """matplotlib with the file-only Agg backend, imported on first use (it costs about a second)."""
-    import matplotlib
+def _figure(**kwargs):
+    """A matplotlib Figure, imported on first use (it costs about a second). No pyplot: no global
+    figure registry or GUI backend in the trainer's process; savefig renders PNGs with Agg."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def _line(ax, run: Run, key: str, x: str, color: str, label: str, scale: float = 1.0, **style):
@@ -190,12 +188,11 @@ def figure_for_runs(run_dirs) -> "matplotlib.figure.Figure":  # noqa: F821 (lazy
     runs = [r if isinstance(r, Run) else load_run(r) for r in run_dirs]
     if not runs:
         raise PlotError("no run directories given")
-    plt = _pyplot()
     moe = [r for r in runs if r.is_moe]
     heatmaps = [r for r in moe if r.has("expert_load")][:MAX_HEATMAPS]
     downstream = sorted({k for r in runs for k in r.downstream_keys()})
     rows = 3 + (1 if moe else 0) + (1 if downstream else 0)
-    fig = plt.figure(figsize=(12, 3.2 * (rows + len(heatmaps))), dpi=DPI, layout="constrained")
+    fig = _figure(figsize=(12, 3.2 * (rows + len(heatmaps))), dpi=DPI, layout="constrained")
     grid = fig.add_gridspec(rows + len(heatmaps), 2)
     panels = {}
 
@@ -297,7 +294,6 @@ def _save(fig, out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=DPI)
     tmp.replace(out)  # a reader never sees half a PNG
-    _pyplot().close(fig)
     return out
 
 
@@ -423,10 +419,10 @@ def _is_number(value) -> bool:
 
 def sweep_figure(rows: list[dict], keys: list[str]):
     """Final eval loss (train loss if no point was evaluated) against each swept key."""
-    plt = _pyplot()
     metric = "final_eval_loss" if any(r["final_eval_loss"] is not None for r in rows) else "final_train_loss"
     shown = keys or ["(nothing swept)"]
-    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), dpi=DPI, squeeze=False, layout="constrained")
+    fig = _figure(figsize=(5 * len(shown), 4), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, len(shown), squeeze=False)
     fig.panels = {}
     for ax, key in zip(axes[0], shown):
         points = [(r["overrides"].get(key), r[metric], r["point"]) for r in rows if r[metric] is not None]
