@@ -7,10 +7,11 @@ CHECKPOINT is a Hugging Face model directory (one of our `checkpoints/step-N/`, 
 run directory (its newest checkpoint). Results go to `<checkpoint>/eval/<tasks>.json` unless `--output`
 says otherwise: per task its metrics (`acc`, `acc_norm`, ... and their `_stderr`), the step and tokens
 of the checkpoint, the settings, and `metrics`: the same scores flattened as `lm_eval/<task>/<metric>`,
-ready for metrics.jsonl. `evaluate_checkpoint(...)` does the same from Python and returns that dict.
+ready for metrics.jsonl. `evaluate_checkpoint(...)` does the same from Python and returns that dict;
+it leaves the process's RNG states as it found them (lm-eval reseeds python, numpy and torch).
 
 The model goes through lm-eval's Hugging Face interface (`HFLM`). Backends:
-  * `transformers`: HFLM loads the directory with `AutoModelForCausalLM` (any HF causal LM).
+  * `transformers`: the directory loaded with `AutoModelForCausalLM` (any HF causal LM), given to HFLM.
   * `ours`: our `models.from_pretrained` wrapped for HFLM. Needed for Doge MoE checkpoints with our
     default `router_layout: per_token`: transformers routes those with its own layout, which mixes in
     other tokens' router logits (future ones included), so it would score a different, non-causal model.
@@ -299,16 +300,36 @@ def _wrap_ours(checkpoint: Path, device: str, dtype: str):
 
 
 def _language_model(checkpoint: Path, backend: str, device: str, dtype: str, batch_size):
+    """HFLM around a model we load ourselves. Given a directory name instead, HFLM would start an
+    accelerate `Accelerator`, which under torchrun (WORLD_SIZE set) takes the trainer's ranks for
+    data-parallel evaluation and waits for ranks that are not evaluating; a ready model keeps it to this
+    process (rank 0 of 1)."""
+    import torch
+    import transformers
     from lm_eval.models.huggingface import HFLM
 
-    if backend == "transformers":
-        return HFLM(pretrained=str(checkpoint), device=device, dtype=dtype, batch_size=batch_size, backend="causal")
-    import transformers
-
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
-    model = _wrap_ours(checkpoint, device, dtype)
+    if backend == "transformers":
+        torch_dtype = "auto" if dtype in ("auto", None) else getattr(torch, dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch_dtype)
+        model = model.to(torch.device(device)).eval()
+    else:
+        model = _wrap_ours(checkpoint, device, dtype)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal",
-                max_length=model.config.max_position_embeddings)
+                max_length=getattr(model.config, "max_position_embeddings", None))  # None: HFLM finds it
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """lm-eval seeds python, numpy and torch globally; the trainer's RNG streams (saved in checkpoints
+    for exact resume) must go on as if no evaluation had happened."""
+    from .checkpoint import rng_state, set_rng_state
+
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -368,7 +389,7 @@ def evaluate_checkpoint(checkpoint, tasks, *, limit: int | float | None = None, 
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    with _offline_when_hub_unreachable():
+    with _offline_when_hub_unreachable(), _rng_kept():
         manager, built = load_tasks(tasks, include_path)
         if backend == "ours":
             generative = [t.task_name for t in _leaf_tasks(built) if t.get_config("output_type") == "generate_until"]

@@ -6,11 +6,13 @@ model is loaded, saying how to use a local task."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
 import warnings
 
+import numpy
 import pytest
 import torch
 
@@ -97,9 +99,13 @@ def test_scores_are_the_checkpoints_own_loglikelihoods(files, kind, backend):
     from tokenizers import Tokenizer
 
     checkpoint = files[kind]
+    rng = (torch.get_rng_state(), numpy.random.get_state()[1].copy(), random.getstate())
     result = evaluate.evaluate_checkpoint(checkpoint, "tiny_py", include_path=files["tasks"], device="cpu",
                                           batch_size=4, log_samples=True)
     assert result["backend"] == backend  # auto: transformers for dense, ours for per-token MoE routing
+    # lm-eval reseeds everything; a trainer calling this between steps must not notice
+    assert torch.equal(torch.get_rng_state(), rng[0]) and (numpy.random.get_state()[1] == rng[1]).all()
+    assert random.getstate() == rng[2]
     model = models.from_pretrained(checkpoint).eval()
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     samples = sorted(result["samples"]["tiny_py"], key=lambda s: s["doc_id"])
