@@ -123,7 +123,7 @@ def _indexed(include_path: tuple[str, ...], include_defaults: bool):
 
 
 def _task_list(tasks) -> list[str]:
-    """"a,b" or ["a", "b"] -> ["a", "b"]."""
+    """A comma-separated string or a list -> task names."""
     tasks = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not tasks:
         raise EvaluationError("no tasks given (e.g. --tasks arc_easy,hellaswag)")
