@@ -163,6 +163,12 @@ class TrainerSchema:
     peak_flops: Optional[float] = None  # per device, for MFU; default: measured at start
     progress: bool = True
     verify_checksums: bool = True
+    plot: bool = True  # <output_dir>/plots.png at the end of the run (python -m train.plot)
+    # Downstream scores (lm-eval, the `eval` extra) of every saved checkpoint, logged to metrics.jsonl
+    eval_tasks: List[str] = field(default_factory=list)
+    eval_tasks_limit: Optional[float] = None  # examples per task (or a fraction < 1)
+    eval_tasks_include_path: List[str] = field(default_factory=list)  # directories of local task YAMLs
+    eval_tasks_batch_size: int = 8
 
     def __post_init__(self):
         require_choice("trainer.precision", self.precision, ("fp32", "bf16"))
@@ -181,6 +187,10 @@ class TrainerSchema:
         require(self.peak_flops is None or self.peak_flops > 0, "trainer.peak_flops", self.peak_flops,
                 "must be > 0 (FLOP/s per device) or null (measured)")
         require(bool(self.output_dir), "trainer.output_dir", self.output_dir, "must be a directory path")
+        require(self.eval_tasks_limit is None or self.eval_tasks_limit > 0, "trainer.eval_tasks_limit",
+                self.eval_tasks_limit, "must be > 0 (examples per task, or a fraction < 1) or null")
+        require(self.eval_tasks_batch_size >= 1, "trainer.eval_tasks_batch_size", self.eval_tasks_batch_size,
+                "must be >= 1")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from . import checkpoint
 from .config import RunConfig, RunConfigError, data_config
 from .distributed import Topology, setup, teardown
 from .engine import build_engine
-from .metrics import MetricsLogger, measured_peak_flops
+from .metrics import MetricsLogger, expert_shares, measured_peak_flops
 from .parallelize import parallelize
 from .schedule import build_schedule
 
@@ -208,6 +208,7 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
     max_steps = schedule.total_steps
     state["schedule"] = schedule.describe()
     start_step = state["step"]
+    _check_eval_tasks(run, topology)
 
     # ---- every check has passed: from here on the run writes to its output directory
     if topology.is_main:
@@ -237,8 +238,11 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
                             config_dict, t.progress)
 
     def save(step: int) -> Path:
-        return checkpoint.save(output_dir, step, engine, model_config, tokenizer, loader, {**state, "step": step},
+        path = checkpoint.save(output_dir, step, engine, model_config, tokenizer, loader, {**state, "step": step},
                                topology, t.keep_last, t.verify_checksums, run_config=config_dict)
+        if t.eval_tasks:
+            _score_checkpoint(path, run, topology, metrics, step, state["tokens"])
+        return path
 
     def evaluate() -> dict:
         loss_sum, count = 0.0, 0
@@ -284,6 +288,8 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
                     record["aux_loss"] = result.aux_loss
                 if result.expert_counts is not None:
                     record.update(_expert_load(result.expert_counts))
+                    if evaluate_now or step == max_steps:  # per-expert shares: big lines, so only now and then
+                        record["expert_load"] = expert_shares(result.expert_counts)
                 if evaluate_now:
                     record.update(evaluate())
                 metrics.log(step, record)
@@ -301,6 +307,10 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
                 break
     finally:
         metrics.close()
+    if t.plot and topology.is_main:
+        from .plot import plot_run
+
+        plot_run(output_dir)  # never raises: a failure is a warning
     per_source = loader.source_stats()
     source_tokens = dict(zip(per_source, topology.dp_sum(*(float(v["tokens"]) for v in per_source.values()))))
     if topology.is_main and last_checkpoint is not None:
@@ -314,6 +324,41 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
                         last_checkpoint.resolve())
     return {"step": step, "losses": losses, "checkpoint": last_checkpoint, "start_step": start_step,
             "stopped": stopped}
+
+
+def _check_eval_tasks(run: RunConfig, topology: Topology) -> None:
+    """A bad `trainer.eval_tasks` (unknown task, dataset out of reach offline) stops the run before it
+    trains; rank 0 checks, every rank learns the verdict."""
+    if not run.trainer.eval_tasks:
+        return
+    problem = None
+    if topology.is_main:
+        from .evaluate import EvaluationError, check_tasks
+
+        try:
+            check_tasks(run.trainer.eval_tasks, run.trainer.eval_tasks_include_path)
+        except EvaluationError as exc:
+            problem = f"trainer.eval_tasks={list(run.trainer.eval_tasks)}: {exc}"
+    if topology.any(problem is not None):
+        raise RunConfigError(problem or "trainer.eval_tasks: refused on rank 0 (see its message)")
+
+
+def _score_checkpoint(path: Path, run: RunConfig, topology: Topology, metrics: MetricsLogger, step: int,
+                      tokens: int) -> None:
+    """lm-eval scores of a saved checkpoint, on rank 0 while the others wait; a failed evaluation is a
+    warning, not the end of the run."""
+    t = run.trainer
+    if topology.is_main:
+        from .evaluate import evaluate_checkpoint
+
+        try:
+            result = evaluate_checkpoint(path, t.eval_tasks, limit=t.eval_tasks_limit,
+                                         include_path=t.eval_tasks_include_path, batch_size=t.eval_tasks_batch_size,
+                                         device=str(topology.device))
+            metrics.log(step, {"tokens": tokens, **result["metrics"]})
+        except Exception as exc:  # the checkpoint is saved; scoring it is a bonus
+            logger.warning("trainer.eval_tasks: scoring %s failed (%s: %s)", path, type(exc).__name__, exc)
+    topology.barrier()
 
 
 def _expert_load(counts: torch.Tensor) -> dict:

@@ -81,6 +81,15 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def expert_shares(counts: torch.Tensor, digits: int = 6) -> list[list[float]]:
+    """One step's (routers, experts) pick counts -> per router, each expert's share of its picks: the
+    `expert_load` field of metrics.jsonl (train.plot draws it as a router x expert heatmap). Rounded,
+    since a line carries routers x experts numbers."""
+    counts = counts.detach().float().cpu()
+    shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1e-9)
+    return [[round(v, digits) for v in row] for row in shares.tolist()]
+
+
 def _plain(value):
     if isinstance(value, torch.Tensor):
         value = value.item() if value.numel() == 1 else value.tolist()

@@ -16,7 +16,7 @@ CONFIG_DIR = str(REPO / "configs")
 FAST = [
     "data.seq_len=64", "trainer.global_batch_size=8", "trainer.micro_batch_size=4", "trainer.progress=false",
     "trainer.log_every=1", "data.eval.holdout_documents=8", "data.tokenizer.train_bytes=1000000",
-    "data.shuffle_buffer=16", "trainer.peak_flops=1e11",
+    "data.shuffle_buffer=16", "trainer.peak_flops=1e11", "trainer.plot=false",
 ]
 
 
