@@ -8,7 +8,8 @@ Knows nothing of models or training.
     loader.state_dict() / loader.load_state_dict(state) # exact resume
 """
 
-from .pipeline import DataConfig, EvalConfig, HeldOut, PackedRows, TokenLoader, eval_batches, mixture_weights
+from .heldout import HeldOut, eval_batches
+from .pipeline import DataConfig, EvalConfig, PackedRows, TokenLoader, mixture_weights
 from .sources import BUILTIN_PYTHON_STDLIB, DataError, DocumentStream, SourceConfig
 from .tokenizer import TextTokenizer, TokenizerConfig, build_tokenizer, check_vocab
 

@@ -9,7 +9,7 @@ every source (`sources.split_for_node`) and runs its own mixture and packer (`Pa
 DataLoader worker (or in-process with num_workers=0). Workers hand over chunks of rows together with
 their small state; the main process keeps the shuffle buffer and the last state received from each
 worker, so `TokenLoader.state_dict()` is cheap and a resumed loader yields exactly the batches an
-uninterrupted one would have.
+uninterrupted one would have. The held-out evaluation stream is in `heldout.py`.
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
 
 from .pretokenize import PretokenizedStream, is_pretokenized
-from .sources import DataError, DocumentStream, SourceConfig, doc_hash
+from .sources import DataError, DocumentStream, SourceConfig
 from .tokenizer import TextTokenizer, TokenizerConfig, default_cache_dir
+
+if TYPE_CHECKING:
+    from .heldout import HeldOut
 
 logger = logging.getLogger(__name__)
 
@@ -96,34 +99,6 @@ def open_stream(source: SourceConfig, node=0, num_nodes=1, read_batch=64, exclud
 
         fetcher = SoftwareHeritageFetcher(default_cache_dir() / "softwareheritage")
     return DocumentStream(source, node, num_nodes, read_batch, set(exclude), endless, fetcher)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Held-out evaluation documents
-
-
-class HeldOut:
-    """The evaluation documents: the first `holdout_documents` usable documents of each source (or of
-    the explicit eval sources). Every node computes the same set, so training can skip them by hash."""
-
-    def __init__(self, cfg: DataConfig):
-        self.explicit = cfg.eval.sources is not None
-        sources = cfg.eval.sources if self.explicit else mixture_weights(cfg.sources)[0]
-        self.documents: list[tuple[int, Any]] = []  # (source index, document)
-        for index, source in enumerate(sources):
-            stream = open_stream(source, endless=False, read_batch=cfg.read_batch)
-            try:
-                for _ in range(cfg.eval.holdout_documents):
-                    doc = stream.next_document()
-                    if doc is None:
-                        break
-                    self.documents.append((index, doc))
-            finally:
-                stream.close()
-        if cfg.eval.holdout_documents and not self.documents:
-            raise DataError("the evaluation stream is empty: its sources gave no usable document")
-        # with separate eval sources, nothing needs to be skipped in training
-        self.exclude = set() if self.explicit else {doc_hash(d) for _, d in self.documents}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -295,7 +270,7 @@ class TokenLoader:
         tokenizer: TextTokenizer,
         rank: int = 0,
         world_size: int = 1,
-        heldout: HeldOut | None = None,
+        heldout: "HeldOut | None" = None,
         fetcher=None,
     ):
         self.cfg = cfg
@@ -433,38 +408,3 @@ class TokenLoader:
         buffer = state["buffer"]
         self._buffer = {k: v.numpy() for k, v in buffer.items()} if buffer else None
 
-
-def eval_batches(
-    cfg: DataConfig, tokenizer: TextTokenizer, heldout: HeldOut, rank: int = 0, world_size: int = 1
-) -> list[dict[str, torch.Tensor]]:
-    """The held-out batches of this rank: the held-out documents packed in order, rows dealt out
-    to ranks round-robin, at most `eval.max_batches` batches per rank (evenly spaced over the held-out
-    documents). The same every time."""
-    width = cfg.seq_len + 1
-    tokens, starts = [], []
-    encoded = tokenizer.encode_batch([d for _, d in heldout.documents if isinstance(d, str)])
-    it = iter(encoded)
-    for _, doc in heldout.documents:
-        ids = np.asarray(next(it) if isinstance(doc, str) else doc, dtype=np.int32)
-        ids = np.append(ids, np.int32(tokenizer.eos_id))
-        tokens.append(ids)
-        flags = np.zeros(len(ids), dtype=bool)
-        flags[0] = True
-        starts.append(flags)
-    stream, flags = np.concatenate(tokens), np.concatenate(starts)
-    num_rows = (len(stream) - 1) // cfg.seq_len
-    if num_rows < world_size:
-        raise DataError(
-            f"the evaluation stream has {num_rows} rows of {cfg.seq_len} tokens for {world_size} ranks: hold out more "
-            f"documents (data.eval.holdout_documents) or evaluate on fewer ranks"
-        )
-    mine = np.arange(rank, num_rows, world_size)
-    limit = cfg.eval.max_batches * cfg.batch_size
-    if len(mine) > limit:  # spread over all held-out documents rather than the first few
-        mine = mine[np.linspace(0, len(mine) - 1, limit).round().astype(int)]
-    index = mine[:, None] * cfg.seq_len + np.arange(width)[None, :]
-    rows = {"tokens": stream[index], "starts": flags[index]}
-    return [
-        rows_to_batch({k: v[i : i + cfg.batch_size] for k, v in rows.items()}, tokenizer.eos_id, cfg.document_masking)
-        for i in range(0, len(mine), cfg.batch_size)
-    ]
