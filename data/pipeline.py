@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -234,6 +235,17 @@ def rows_to_batch(rows: dict[str, np.ndarray], eos_id: int, document_masking: bo
     return batch
 
 
+def _worker_init(worker_id: int) -> None:
+    """First thing in every DataLoader worker. A forked worker inherits the `tokenizers` library's
+    (Rust, rayon) thread pool without its threads. The library protects such a child only when
+    TOKENIZERS_PARALLELISM is unset; when the variable says true and the parent has used the pool
+    (BPE training, encoding the held-out documents), the worker's first `encode_batch` waits forever
+    on threads that do not exist. The library reads the variable at every call, so turning it off here,
+    before any encoding in the worker, is enough: each worker encodes on its own thread (the workers
+    are the parallelism), whatever the environment says."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 class _WorkerStreams(torch.utils.data.IterableDataset):
     """Runs one `PackedRows` per DataLoader worker and yields (logical worker, rows, state) chunks."""
 
@@ -310,7 +322,8 @@ class TokenLoader:
             yield from dataset
             return
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=self.cfg.num_workers, prefetch_factor=4, persistent_workers=False
+            dataset, batch_size=None, num_workers=self.cfg.num_workers, prefetch_factor=4, persistent_workers=False,
+            worker_init_fn=_worker_init,
         )
         yield from loader
 
