@@ -337,6 +337,7 @@ class TokenLoader:
         while True:
             while self._buffer is None or len(self._buffer["tokens"]) < capacity:
                 logical, rows, state, stats = next(chunks)
+                rows = {k: np.asarray(v) for k, v in rows.items()}  # the DataLoader hands numpy arrays over as tensors
                 self._worker_states[logical] = state
                 self._worker_stats[logical] = stats
                 self._next_worker = (logical + 1) % self.num_logical

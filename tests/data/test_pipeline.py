@@ -70,6 +70,13 @@ def test_resume_equals_an_uninterrupted_run(smollm, num_workers):
     assert third.source_stats()["fineweb-edu"]["epoch"] >= 1  # crossed an epoch boundary
 
 
+def test_workers_without_a_shuffle_buffer(smollm):
+    """Chunks from loader workers arrive as tensors; without a shuffle buffer they were batched as such."""
+    loader = setup(replica_config(smollm, num_workers=2, shuffle_buffer=0))[0]
+    for batch in take(loader, 3):
+        assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == torch.int64
+
+
 def test_resume_on_two_simulated_ranks(smollm):
     cfg = replica_config(smollm)
     for rank in range(2):
