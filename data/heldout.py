@@ -26,7 +26,7 @@ class HeldOut:
         self.explicit = cfg.eval.sources is not None
         sources = cfg.eval.sources if self.explicit else mixture_weights(cfg.sources)[0]
         self.documents: list[tuple[int, Any]] = []  # (source index, document)
-        for index, source in enumerate(sources):
+        for index, source in enumerate(sources if cfg.eval.holdout_documents else []):
             stream = open_stream(source, endless=False, read_batch=cfg.read_batch)
             try:
                 for _ in range(cfg.eval.holdout_documents):
