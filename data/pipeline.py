@@ -303,8 +303,14 @@ class TokenLoader:
 
     # -- identity of the data order
     def _fingerprint(self) -> str:
+        sources = []
+        for s in mixture_weights(self.cfg.sources)[0]:
+            entry = asdict(s)
+            if entry["data_dir"] is None:
+                del entry["data_dir"]  # so that checkpoints from before the field existed still resume
+            sources.append(entry)
         spec = {
-            "sources": [asdict(s) for s in mixture_weights(self.cfg.sources)[0]],
+            "sources": sources,
             "seq_len": self.cfg.seq_len,
             "mixture_by": self.cfg.mixture_by,
             "tokenizer": self.tokenizer.fingerprint,

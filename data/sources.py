@@ -42,9 +42,11 @@ class SourceConfig:
     path: a hub dataset id (`HuggingFaceTB/smollm-corpus`), a local directory in the hub's layout, local
       files (a path or glob, or a list of them), a directory written by `python -m data.pretokenize`, or
       `builtin:python-stdlib`.
+    data_dir: a local copy of the hub dataset `path` (its layout: `<data_dir>/<config>/*.parquet`, with or
+      without the hub's README.md), read instead of the hub.
     config / split: the hub config (e.g. `cosmopedia-v2`) and split.
     text_column: the column holding the text.
-    weight: mixture weight (normalised over sources; 0 drops the source).
+    weight: mixture weight (normalised over sources; 0 drops the source: it is never opened).
     fetch: `softwareheritage` for rows that carry only a `blob_id` (smollm-corpus python-edu).
     """
 
@@ -56,6 +58,11 @@ class SourceConfig:
     weight: float = 1.0
     fetch: Optional[str] = None
     data_format: Optional[str] = None  # files only: parquet | json | text (default: from the extension)
+    data_dir: Optional[str] = None
+
+    @property
+    def needed_column(self) -> str:
+        return "blob_id" if self.fetch else self.text_column
 
 
 def text_hash(text: str) -> bytes:
@@ -114,7 +121,19 @@ def _is_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and not Path(text).exists()
 
 
-def _probe_hub(repo_id: str) -> None:
+# Where the data presets take a local copy of a hub dataset from (configs/data/smollm.yaml), for hints.
+LOCAL_COPY_KEYS = {"HuggingFaceTB/smollm-corpus": "data.smollm_corpus_dir", "HuggingFaceTB/finemath": "data.finemath_dir"}
+
+
+def _local_copy_hint(cfg: SourceConfig) -> str:
+    key = LOCAL_COPY_KEYS.get(str(cfg.path))
+    preset = f" (data=smollm: {key}=DIR)" if key else ""
+    folder = f" --include '{cfg.config}/*'" if cfg.config else ""
+    return (f"Offline? Download it where the hub is reachable (`hf download {cfg.path} --repo-type dataset{folder} "
+            f"--local-dir DIR`) and set this source's data_dir=DIR{preset}, or point `path` at local files.")
+
+
+def _probe_hub(cfg: SourceConfig) -> None:
     """Fail in seconds, not after datasets' ~25 s of retries, when the hub cannot be reached."""
     import huggingface_hub
     from huggingface_hub import constants
@@ -122,14 +141,85 @@ def _probe_hub(repo_id: str) -> None:
     if constants.HF_HUB_OFFLINE:
         return  # datasets then fails at once with OfflineModeIsEnabled (or uses its cache)
     try:
-        huggingface_hub.HfApi().dataset_info(repo_id, timeout=10)
+        huggingface_hub.HfApi().dataset_info(cfg.path, timeout=10)
     except Exception as exc:  # no network, DNS, 404, auth
         raise DataError(
-            f"dataset {repo_id!r}: cannot reach it on the Hugging Face hub ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Offline? Point the source's `path` at a "
-            f"local copy in the hub's layout (`huggingface-cli download {repo_id} --repo-type dataset "
-            f"--local-dir DIR`) or at local files."
+            f"dataset {cfg.path!r}: cannot reach it on the Hugging Face hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). {_local_copy_hint(cfg)}"
         ) from exc
+
+
+def _readme_configs(directory: Path) -> Optional[list[str]]:
+    """The config names a hub-layout README.md lists in its YAML header (None: no README or no list)."""
+    readme = directory / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    header = text[3:].split("\n---", 1)[0]
+    try:
+        import yaml
+
+        meta = yaml.safe_load(header) or {}
+    except Exception:  # a README we cannot parse is no list of configs; the folders still are
+        return None
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    if not isinstance(configs, list):
+        return None
+    return [c.get("config_name") for c in configs if isinstance(c, dict)]
+
+
+def _hub_layout_files(directory: Path, cfg: SourceConfig) -> list[str]:
+    """The data files of one config and split of a hub-layout directory that has no README listing it:
+    `<directory>/<config>/` (or the directory itself without a config), split by file name the way
+    the hub does for repositories without a README (`train-00000-of-00004.parquet` is train)."""
+    from datasets.data_files import DataFilesList, get_data_patterns
+
+    folder = directory / cfg.config if cfg.config else directory
+    if not folder.is_dir():
+        subfolders = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise DataError(
+            f"source {cfg.name!r}: {directory} has no folder {cfg.config!r} (its folders: {subfolders}) and no "
+            f"README.md listing that config; set config to one of the folders"
+        )
+    try:
+        patterns = get_data_patterns(str(folder))
+    except Exception as exc:  # EmptyDatasetError: no data files at all
+        raise DataError(f"source {cfg.name!r}: no data files in {folder}") from exc
+    splits = {str(k): v for k, v in patterns.items()}
+    if cfg.split not in splits:
+        raise DataError(f"source {cfg.name!r}: {folder} has no files of split {cfg.split!r} (splits by file name: "
+                        f"{sorted(splits)}); set split to one of them")
+    files = [str(f) for f in DataFilesList.from_patterns(splits[cfg.split], base_path=str(folder))]
+    files = sorted(f for f in files if Path(f).suffix in FILE_FORMATS)
+    if not files:
+        raise DataError(f"source {cfg.name!r}: no parquet, jsonl or txt files of split {cfg.split!r} in {folder}")
+    return files
+
+
+def _open_files(files: list[str], cfg: SourceConfig):
+    import datasets
+
+    formats = {cfg.data_format or FILE_FORMATS.get(Path(f).suffix) for f in files}
+    if None in formats or len(formats) != 1:
+        raise DataError(
+            f"source {cfg.name!r}: cannot tell one file format for {cfg.path!r} (extensions give {formats}); "
+            f"set data_format to parquet, json or text"
+        )
+    builder = formats.pop()
+    extra = {}
+    if builder in ("text", "json"):
+        # Some files on a normal machine are not UTF-8: keep them, with replacement characters.
+        extra["encoding_errors"] = "replace"
+    if builder == "json":
+        # datasets' json reader applies encoding_errors only when the encoding is not spelled
+        # "utf-8" (otherwise pyarrow takes the raw bytes and fails later on invalid UTF-8);
+        # "utf_8" is the same codec under another name, which routes it through the decode.
+        extra["encoding"] = "utf_8"
+    if builder == "text":
+        extra["sample_by"] = "document"  # one document per file, not per line
+    return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
 
 
 def open_dataset(cfg: SourceConfig):
@@ -138,47 +228,42 @@ def open_dataset(cfg: SourceConfig):
     import datasets
 
     path = cfg.path
+    if cfg.data_dir is not None:
+        if not Path(cfg.data_dir).is_dir():
+            raise DataError(
+                f"source {cfg.name!r}: data_dir {cfg.data_dir!r} is not a directory; point it at a local copy of "
+                f"{path!r} in the hub's layout (<data_dir>/{cfg.config or '<config>'}/*.parquet)"
+            )
+        path = cfg.data_dir
     try:
         if path == BUILTIN_PYTHON_STDLIB:
             files = stdlib_files()
             # a list in gen_kwargs is split into shards: one per file, so nodes split by file
             ds = datasets.IterableDataset.from_generator(_read_files, gen_kwargs={"paths": files})
-        elif isinstance(path, str) and (_is_hub_id(path) or Path(path).is_dir()):
-            if _is_hub_id(path):
-                _probe_hub(path)
+        elif isinstance(path, str) and Path(path).is_dir():
+            listed = _readme_configs(Path(path))
+            if listed is not None and (cfg.config in listed or (cfg.config is None and listed)):
+                # the hub's own description of the configs: exactly what the hub would serve
+                ds = datasets.load_dataset(path, cfg.config, split=cfg.split, streaming=True)
+            else:
+                ds = _open_files(_hub_layout_files(Path(path), cfg), cfg)
+        elif isinstance(path, str) and _is_hub_id(path):
+            _probe_hub(cfg)
             ds = datasets.load_dataset(path, cfg.config, split=cfg.split, streaming=True)
         else:
-            files = _file_list(path)
-            formats = {cfg.data_format or FILE_FORMATS.get(Path(f).suffix) for f in files}
-            if None in formats or len(formats) != 1:
-                raise DataError(
-                    f"source {cfg.name!r}: cannot tell one file format for {path!r} (extensions give {formats}); "
-                    f"set data_format to parquet, json or text"
-                )
-            builder = formats.pop()
-            extra = {}
-            if builder in ("text", "json"):
-                # Some files on a normal machine are not UTF-8: keep them, with replacement characters.
-                extra["encoding_errors"] = "replace"
-            if builder == "json":
-                # datasets' json reader applies encoding_errors only when the encoding is not spelled
-                # "utf-8" (otherwise pyarrow takes the raw bytes and fails later on invalid UTF-8);
-                # "utf_8" is the same codec under another name, which routes it through the decode.
-                extra["encoding"] = "utf_8"
-            if builder == "text":
-                extra["sample_by"] = "document"  # one document per file, not per line
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+            ds = _open_files(_file_list(path), cfg)
     except DataError:
         raise
     except Exception as exc:
         where = f"{path!r}" + (f" config {cfg.config!r}" if cfg.config else "") + f" split {cfg.split!r}"
+        hint = _local_copy_hint(cfg) if isinstance(cfg.path, str) and _is_hub_id(cfg.path) and cfg.data_dir is None \
+            else "Offline? Point `path` at a local directory in the hub's layout or at local files."
         raise DataError(
             f"source {cfg.name!r}: could not open {where} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}). Offline? Point `path` at a local directory "
-            f"in the hub's layout or at local files."
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}). {hint}"
         ) from exc
     columns = ds.column_names
-    needed = "blob_id" if cfg.fetch else cfg.text_column
+    needed = cfg.needed_column
     if columns is not None and needed not in columns:
         hint = " (smollm-corpus python-edu has only blob ids: set fetch: softwareheritage)" if "blob_id" in columns else ""
         raise DataError(

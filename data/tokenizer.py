@@ -175,7 +175,9 @@ def load_or_train_bpe(cfg: TokenizerConfig, sources: list[SourceConfig], exclude
 
     sources = bpe_training_sources(sources)
     spec = {
-        "sources": [[s.name, str(s.path), s.config, s.split, s.text_column, s.weight] for s in sources],
+        # data_dir only when set, so that tokenizers cached before the field existed are found again
+        "sources": [[s.name, str(s.path), s.config, s.split, s.text_column, s.weight] + ([s.data_dir] if s.data_dir else [])
+                    for s in sources],
         "vocab_size": cfg.vocab_size,
         "train_bytes": cfg.train_bytes,
         "heldout": len(exclude),

@@ -93,7 +93,8 @@ def test_python_edu_unreachable_stops_with_a_message(smollm, tmp_path):
 def test_hub_id_offline_fails_fast_with_what_was_tried():
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     start = time.monotonic()
-    with pytest.raises(DataError, match=r"HuggingFaceTB/smollm-corpus.*cosmopedia-v2.*Offline\? Point `path`"):
+    with pytest.raises(DataError, match=r"HuggingFaceTB/smollm-corpus.*cosmopedia-v2.*Offline\? .*set this source's "
+                                        r"data_dir=DIR \(data=smollm: data.smollm_corpus_dir=DIR\)"):
         DocumentStream(SourceConfig("c", "HuggingFaceTB/smollm-corpus", config="cosmopedia-v2"))
     assert time.monotonic() - start < 10
 

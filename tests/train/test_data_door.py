@@ -1,13 +1,25 @@
 """The data side of `python -m train`, used as a user would: loader workers whatever
-TOKENIZERS_PARALLELISM says."""
+TOKENIZERS_PARALLELISM says, the smollm preset on local copies, weight-0 sources that are never
+opened."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 
 import pytest
 
+from tests.data.conftest import build_finemath, build_replica
+
 from .conftest import FAST, metrics, run_train
+
+
+def _tokens_per_source(stderr: str) -> dict:
+    """The end-of-run log line: `tokens trained per source: {...}` (summed over ranks)."""
+    found = re.findall(r"tokens trained per source: (\{.*\})", stderr)
+    assert found, stderr[-3000:]
+    return eval(found[-1])  # a dict literal of str -> int written by the trainer
 
 
 def test_loader_workers_train_with_tokenizers_parallelism_on(tmp_path, env):
@@ -20,3 +32,49 @@ def test_loader_workers_train_with_tokenizers_parallelism_on(tmp_path, env):
     except subprocess.TimeoutExpired:
         pytest.fail("python -m train data.num_workers=2 with TOKENIZERS_PARALLELISM=true hung")
     assert [m["step"] for m in metrics(out) if "loss" in m] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    """smollm-corpus with the hub's README.md, the same without it, and finemath's folder alone."""
+    root = tmp_path_factory.mktemp("hub-copies")
+    build_replica(root / "smollm-corpus")
+    build_replica(root / "smollm-corpus-no-readme", readme=False)
+    build_finemath(root / "finemath")
+    return root
+
+
+SMALL_TOKENIZER = ["data.tokenizer.name_or_path=bpe", "data.tokenizer.vocab_size=2048"]  # Doge's is on the hub
+
+
+def test_smollm_preset_on_a_local_copy_without_its_weight_zero_sources(tmp_path, env, replicas):
+    """Offline (HF_HUB_OFFLINE=1): fineweb-edu and cosmopedia-v2 from a local copy; python-edu at weight
+    0 with a data_dir that does not exist, finemath at weight 0 on the hub: neither may be opened."""
+    copy = replicas / "smollm-corpus"
+    out = tmp_path / "run"
+    proc = run_train([f"trainer.output_dir={out}", "data=smollm", *FAST, *SMALL_TOKENIZER, "trainer.max_steps=2",
+                      f"data.sources.0.data_dir={copy}", f"data.sources.1.data_dir={copy}",
+                      "data.sources.2.weight=0", "data.sources.2.data_dir=/does/not/exist",
+                      "data.sources.3.weight=0"], env)
+    assert "sources with weight 0 are left out: ['python-edu', 'finemath']" in proc.stderr
+    tokens = _tokens_per_source(proc.stderr)
+    assert set(tokens) == {"fineweb-edu", "cosmopedia-v2"} and sum(tokens.values()) == 2 * 8 * 64
+
+
+def _local_copy_keys_in_the_schema() -> bool:
+    from train.config import DataSchema
+
+    names = {f.name for f in dataclasses.fields(DataSchema)}
+    return {"smollm_corpus_dir", "finemath_dir"} <= names
+
+
+@pytest.mark.skipif(not _local_copy_keys_in_the_schema(),
+                    reason="train.config.DataSchema lacks smollm_corpus_dir / finemath_dir (trainer side to wire)")
+def test_smollm_preset_from_one_key_per_local_copy(tmp_path, env, replicas):
+    """One key per dataset copy, copies without the hub's README.md."""
+    out = tmp_path / "run"
+    proc = run_train([f"trainer.output_dir={out}", "data=smollm", *FAST, *SMALL_TOKENIZER, "trainer.max_steps=2",
+                      f"data.smollm_corpus_dir={replicas / 'smollm-corpus-no-readme'}",
+                      f"data.finemath_dir={replicas / 'finemath'}", "data.sources.2.weight=0"], env)
+    tokens = _tokens_per_source(proc.stderr)
+    assert set(tokens) == {"fineweb-edu", "cosmopedia-v2", "finemath"} and all(tokens.values())

@@ -1,0 +1,73 @@
+"""Local copies of hub datasets: a source's `data_dir`, with or without the hub's README.md."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data import DataError, DocumentStream, SourceConfig
+from data.sources import open_dataset
+
+from .conftest import DOCS_PER_SHARD, FINEMATH_DOCS, SHARDS, build_finemath
+
+
+def _all(stream) -> list:
+    docs = []
+    while (doc := stream.next_document()) is not None:
+        docs.append(doc)
+    stream.close()
+    return docs
+
+
+@pytest.mark.parametrize("config", ["cosmopedia-v2", "fineweb-edu-dedup"])
+def test_data_dir_is_read_instead_of_the_hub(smollm, smollm_without_readme, config):
+    # HF_HUB_OFFLINE=1 here: opening the hub id itself fails, so every document comes from data_dir
+    expected = SHARDS[config] * DOCS_PER_SHARD - (2 if config == "fineweb-edu-dedup" else 0)  # 2 empty in fineweb
+    for copy in (smollm, smollm_without_readme):
+        source = SourceConfig(config, "HuggingFaceTB/smollm-corpus", config=config, data_dir=str(copy))
+        docs = _all(DocumentStream(source, endless=False))
+        assert len(docs) == expected and all(d.startswith(f"[{config} ") for d in docs), copy
+
+
+def test_without_readme_the_same_documents_in_the_same_order(smollm, smollm_without_readme):
+    with_readme = _all(DocumentStream(SourceConfig("c", str(smollm), config="cosmopedia-v2"), endless=False))
+    without = _all(DocumentStream(SourceConfig("c", str(smollm_without_readme), config="cosmopedia-v2"), endless=False))
+    assert without == with_readme
+
+
+@pytest.mark.parametrize("cut", [5, 47, 130])
+def test_without_readme_resume_is_exact(smollm_without_readme, cut):
+    source = SourceConfig("c", "HuggingFaceTB/smollm-corpus", config="cosmopedia-v2", data_dir=str(smollm_without_readme))
+    reference = DocumentStream(source, 1, 2, read_batch=8)
+    expected = [reference.next_document() for _ in range(150)]  # past the end of node 1's part: epoch 1
+    assert reference.epoch >= 1
+    first = DocumentStream(source, 1, 2, read_batch=8)
+    got = [first.next_document() for _ in range(cut)]
+    second = DocumentStream(source, 1, 2, read_batch=8)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    got += [second.next_document() for _ in range(150 - cut)]
+    assert got == expected
+
+
+def test_a_folder_copied_alone(tmp_path):
+    """Only finemath's finemath-4plus folder, no README: what `--include 'finemath-4plus/*'` gives."""
+    build_finemath(tmp_path / "finemath")
+    source = SourceConfig("finemath", "HuggingFaceTB/finemath", config="finemath-4plus", data_dir=str(tmp_path / "finemath"))
+    docs = _all(DocumentStream(source, endless=False))
+    assert len(docs) == FINEMATH_DOCS and all(d.startswith("[finemath ") for d in docs)
+
+
+def test_bad_local_copies_are_clear_errors(smollm_without_readme, tmp_path):
+    with pytest.raises(DataError, match=r"data_dir '/does/not/exist' is not a directory; point it at a local copy of "
+                                        r"'HuggingFaceTB/smollm-corpus'"):
+        open_dataset(SourceConfig("c", "HuggingFaceTB/smollm-corpus", config="cosmopedia-v2", data_dir="/does/not/exist"))
+    with pytest.raises(DataError, match=r"has no folder 'cosmopedia' \(its folders: \['cosmopedia-v2', "
+                                        r"'fineweb-edu-dedup', 'python-edu'\]\) and no README.md listing that config"):
+        open_dataset(SourceConfig("c", str(smollm_without_readme), config="cosmopedia"))
+    with pytest.raises(DataError, match=r"has no files of split 'test' \(splits by file name: \['train'\]\)"):
+        open_dataset(SourceConfig("c", str(smollm_without_readme), config="cosmopedia-v2", split="test"))
+    # python-edu carries blob ids only: the hint holds on this route too
+    with pytest.raises(DataError, match=r"column 'text' not in \[.*'blob_id'.*set fetch: softwareheritage"):
+        open_dataset(SourceConfig("py", str(smollm_without_readme), config="python-edu"))
+
