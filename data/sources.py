@@ -198,6 +198,36 @@ def _hub_layout_files(directory: Path, cfg: SourceConfig) -> list[str]:
     return files
 
 
+def _parquet_columns(files: list[str], cfg: SourceConfig) -> Optional[list[str]]:
+    """The columns to read from parquet files: only the one the source needs, when every file has it
+    (then other columns may differ between files, as they do between dumps of one corpus). Files that
+    lack it are an error naming them, read from the footers before any data is."""
+    import pyarrow.parquet as pq
+
+    needed = cfg.needed_column
+    schemas = {}
+    for f in files:
+        try:
+            schemas[f] = pq.read_schema(f).names
+        except Exception as exc:
+            raise DataError(f"source {cfg.name!r}: {f} is not a readable parquet file ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+    lacking = [f for f, names in schemas.items() if needed not in names]
+    if not lacking:
+        return [needed]
+    if len(lacking) == len(files):
+        return None  # no file has it: open_dataset names the column and the file's columns
+    having = [f for f in files if f not in lacking]
+    common = sorted(set.intersection(*(set(n) for n in schemas.values())))
+    shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+    raise DataError(
+        f"source {cfg.name!r}: the files have different columns: {len(lacking)} of {len(files)} lack column "
+        f"{needed!r} ({shown}: columns {schemas[lacking[0]]}), the others have it (e.g. {having[0]}: columns "
+        f"{schemas[having[0]]}). Give one source per kind of file (data.sources.N.path for each, with its own "
+        f"text_column), or set text_column to a column every file has ({common or 'there is none'})."
+    )
+
+
 def _open_files(files: list[str], cfg: SourceConfig):
     import datasets
 
@@ -209,6 +239,10 @@ def _open_files(files: list[str], cfg: SourceConfig):
         )
     builder = formats.pop()
     extra = {}
+    if builder == "parquet":
+        columns = _parquet_columns(files, cfg)
+        if columns is not None:
+            extra["columns"] = columns
     if builder in ("text", "json"):
         # Some files on a normal machine are not UTF-8: keep them, with replacement characters.
         extra["encoding_errors"] = "replace"
@@ -364,6 +398,17 @@ class DocumentStream:
             batch = next(self._iter)
         except StopIteration:
             return False
+        except Exception as exc:
+            from datasets.table import CastError
+
+            if not isinstance(exc, CastError):
+                raise
+            # files whose columns differ (parquet files are checked when opened; json ones only here)
+            raise DataError(
+                f"source {self.cfg.name!r}: its files do not all have the same columns "
+                f"({' '.join(str(exc).split())[:300]}). Give one source per kind of file (data.sources.N.path "
+                f"for each), or use parquet files, of which only the text column is read."
+            ) from None
         self._fresh = False
         self._batch_start_state = state_before
         self._pending = self._documents(batch)

@@ -1,9 +1,12 @@
-"""Local copies of hub datasets: a source's `data_dir`, with or without the hub's README.md."""
+"""Local copies of hub datasets (a source's `data_dir`, with or without the hub's README.md) and
+local files whose columns differ between files."""
 
 from __future__ import annotations
 
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from data import DataError, DocumentStream, SourceConfig
@@ -71,3 +74,40 @@ def test_bad_local_copies_are_clear_errors(smollm_without_readme, tmp_path):
     with pytest.raises(DataError, match=r"column 'text' not in \[.*'blob_id'.*set fetch: softwareheritage"):
         open_dataset(SourceConfig("py", str(smollm_without_readme), config="python-edu"))
 
+
+def _parquet(path, texts, **extra):
+    pq.write_table(pa.table({"text": texts, **extra}), path)
+
+
+def test_parquet_files_whose_other_columns_differ_are_read(tmp_path):
+    n = 5
+    _parquet(tmp_path / "a.parquet", [f"a{i} text" for i in range(n)], id=list(range(n)))
+    _parquet(tmp_path / "b.parquet", [f"b{i} text" for i in range(n)], url=["u"] * n, score=[1.5] * n)
+    _parquet(tmp_path / "c.parquet", [f"c{i} text" for i in range(n)])
+    source = SourceConfig("files", str(tmp_path / "*.parquet"))
+    assert open_dataset(source).column_names == ["text"]  # only the text column is read
+    docs = _all(DocumentStream(source, endless=False))
+    assert sorted(docs) == sorted(f"{p}{i} text" for p in "abc" for i in range(n))
+
+
+def test_parquet_files_without_the_text_column_are_named(tmp_path):
+    _parquet(tmp_path / "a.parquet", ["x"] * 3, id=[1, 2, 3])
+    pq.write_table(pa.table({"content": ["y"] * 3, "id": [1, 2, 3]}), tmp_path / "b.parquet")
+    pq.write_table(pa.table({"body": ["z"] * 3}), tmp_path / "c.parquet")
+    with pytest.raises(DataError) as error:
+        DocumentStream(SourceConfig("files", str(tmp_path / "*.parquet")))
+    message = str(error.value)
+    assert "the files have different columns: 2 of 3 lack column 'text'" in message
+    assert f"{tmp_path / 'b.parquet'}, {tmp_path / 'c.parquet'}: columns ['content', 'id']" in message
+    assert f"e.g. {tmp_path / 'a.parquet'}: columns ['text', 'id']" in message
+    assert "Give one source per kind of file (data.sources.N.path for each" in message
+    assert "set text_column to a column every file has (there is none)" in message
+
+
+def test_json_files_whose_columns_differ_are_a_clear_error(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"a{i}", "id": i}) for i in range(3)) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"b{i}", "url": "u"}) for i in range(3)) + "\n")
+    stream = DocumentStream(SourceConfig("j", str(tmp_path / "*.jsonl")), endless=False)
+    with pytest.raises(DataError, match=r"source 'j': its files do not all have the same columns .*Give one source per "
+                                        r"kind of file"):
+        _all(stream)

@@ -1,6 +1,6 @@
 """The data side of `python -m train`, used as a user would: loader workers whatever
 TOKENIZERS_PARALLELISM says, the smollm preset on local copies, weight-0 sources that are never
-opened."""
+opened, `data=files` defaults and files with different columns."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import dataclasses
 import re
 import subprocess
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tests.data.conftest import build_finemath, build_replica
@@ -78,3 +80,37 @@ def test_smollm_preset_from_one_key_per_local_copy(tmp_path, env, replicas):
                       f"data.finemath_dir={replicas / 'finemath'}", "data.sources.2.weight=0"], env)
     tokens = _tokens_per_source(proc.stderr)
     assert set(tokens) == {"fineweb-edu", "cosmopedia-v2", "finemath"} and all(tokens.values())
+
+
+def _python_files_as_parquet(directory, columns_per_file):
+    """Real text (the standard library's sources, ~1 MB) in parquet files whose other columns differ."""
+    from data.sources import stdlib_files
+
+    texts = [open(f, encoding="utf-8", errors="replace").read() for f in stdlib_files()[:200]]
+    directory.mkdir()
+    n = len(columns_per_file)
+    for i, columns in enumerate(columns_per_file):
+        part = texts[i::n]
+        table = {name: [f"{name}-{j}" for j in range(len(part))] for name in columns}
+        pq.write_table(pa.table({**({"text": part} if "no-text" not in columns else {"body": part}), **table}),
+                       directory / f"part-{i}.parquet")
+
+
+def test_files_defaults_fit_the_default_model_and_other_columns_may_differ(tmp_path, env):
+    _python_files_as_parquet(tmp_path / "corpus", [["id"], ["url", "dump"], []])
+    out = tmp_path / "run"
+    fast = [o for o in FAST if not o.startswith("data.seq_len")]  # the files group's own sequence length
+    run_train([f"trainer.output_dir={out}", "data=files", f"data.sources.0.path={tmp_path / 'corpus'}/*.parquet",
+               *fast, "trainer.max_steps=2"], env)
+    assert [m["step"] for m in metrics(out) if "loss" in m] == [1, 2]
+
+
+def test_files_lacking_the_text_column_are_named(tmp_path, env):
+    _python_files_as_parquet(tmp_path / "corpus", [["id"], ["no-text"], []])
+    proc = run_train([f"trainer.output_dir={tmp_path / 'run'}", "data=files",
+                      f"data.sources.0.path={tmp_path / 'corpus'}/*.parquet", *FAST, "trainer.max_steps=2"],
+                     env, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (f"error: source 'files': the files have different columns: 1 of 3 lack column 'text' "
+            f"({tmp_path / 'corpus' / 'part-1.parquet'}: columns ['body', 'no-text']") in proc.stderr
+    assert "Traceback" not in proc.stderr
