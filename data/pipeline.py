@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Per source, what `TokenLoader.counters()` reports: tokens trained (exact), documents read, documents
+# skipped (empty or whitespace-only, held out for evaluation, failed to fetch), and the epoch (passes
+# begun over the source's data). Every field adds up over workers and ranks except `epoch`: a maximum.
+COUNTER_FIELDS = ("tokens", "documents", "skipped_empty", "skipped_heldout", "skipped_fetch", "epoch")
+
 
 @dataclass
 class EvalConfig:
@@ -67,6 +72,10 @@ class DataConfig:
             raise DataError(f"data.seq_len and data.batch_size must be >= 1 (got {self.seq_len}, {self.batch_size})")
         if not self.sources:
             raise DataError("data.sources is empty: give at least one source")
+        names = [s.name for s in self.sources]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:  # counters and resume states are kept by source name
+            raise DataError(f"data.sources: the names {repeated} are used twice; give every source its own name")
 
 
 def mixture_weights(sources: list[SourceConfig]) -> tuple[list[SourceConfig], list[float]]:
@@ -89,17 +98,20 @@ def mixture_weights(sources: list[SourceConfig]) -> tuple[list[SourceConfig], li
     return kept, weights
 
 
-def open_stream(source: SourceConfig, node=0, num_nodes=1, read_batch=64, exclude=frozenset(), endless=True, fetcher=None):
+def open_stream(source: SourceConfig, node=0, num_nodes=1, read_batch=64, exclude=frozenset(), endless=True, fetcher=None,
+                workers_per_rank=1, holdout_documents=None):
     """The right stream for a source: pre-tokenized shards, or text through `datasets`."""
     if is_pretokenized(source.path):
-        return PretokenizedStream(source, node, num_nodes, read_batch, set(exclude), endless)
+        return PretokenizedStream(source, node, num_nodes, read_batch, set(exclude), endless,
+                                  workers_per_rank=workers_per_rank, holdout_documents=holdout_documents)
     if source.fetch is not None and fetcher is None:
         if source.fetch != "softwareheritage":
             raise DataError(f"source {source.name!r}: fetch={source.fetch!r}; the only fetcher is softwareheritage")
         from .swh import SoftwareHeritageFetcher
 
         fetcher = SoftwareHeritageFetcher(default_cache_dir() / "softwareheritage")
-    return DocumentStream(source, node, num_nodes, read_batch, set(exclude), endless, fetcher)
+    return DocumentStream(source, node, num_nodes, read_batch, set(exclude), endless, fetcher, workers_per_rank,
+                          holdout_documents)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,11 +131,16 @@ class PackedRows:
         num_nodes: int = 1,
         exclude: set = frozenset(),
         fetcher=None,
+        workers_per_rank: int = 1,
     ):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.sources, self.weights = mixture_weights(cfg.sources)
-        self.streams = [open_stream(s, node, num_nodes, cfg.read_batch, exclude, fetcher=fetcher) for s in self.sources]
+        self.streams = [
+            open_stream(s, node, num_nodes, cfg.read_batch, exclude, fetcher=fetcher, workers_per_rank=workers_per_rank,
+                        holdout_documents=cfg.eval.holdout_documents)
+            for s in self.sources
+        ]
         for stream in self.streams:
             if isinstance(stream, PretokenizedStream):
                 stream.check_tokenizer(tokenizer)
@@ -246,6 +263,14 @@ def _worker_init(worker_id: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+@dataclass
+class _WorkerFailure:
+    """A DataError in a loader worker, handed to the main process to raise as it is (the DataLoader
+    would wrap it in the worker's traceback)."""
+
+    message: str
+
+
 class _WorkerStreams(torch.utils.data.IterableDataset):
     """Runs one `PackedRows` per DataLoader worker and yields (logical worker, rows, state) chunks."""
 
@@ -254,13 +279,23 @@ class _WorkerStreams(torch.utils.data.IterableDataset):
         self.args = (cfg, tokenizer, rank, world_size, num_logical, offset, states, exclude, chunk_rows, fetcher)
 
     def __iter__(self):
+        if torch.utils.data.get_worker_info() is None:
+            yield from self._chunks()
+            return
+        try:
+            yield from self._chunks()
+        except DataError as exc:
+            yield _WorkerFailure(str(exc))
+
+    def _chunks(self):
         cfg, tokenizer, rank, world_size, num_logical, offset, states, exclude, chunk_rows, fetcher = self.args
         info = torch.utils.data.get_worker_info()
         logical = ((info.id if info else 0) + offset) % num_logical
-        rows = PackedRows(cfg, tokenizer, rank * num_logical + logical, world_size * num_logical, exclude, fetcher)
-        if states[logical] is not None:
-            rows.load_state_dict(states[logical])
+        rows = PackedRows(cfg, tokenizer, rank * num_logical + logical, world_size * num_logical, exclude, fetcher,
+                          workers_per_rank=num_logical)
         try:
+            if states[logical] is not None:
+                rows.load_state_dict(states[logical])
             while True:
                 chunk = rows.next_rows(chunk_rows)
                 yield logical, chunk, rows.state_dict(), rows.stats()
@@ -268,11 +303,27 @@ class _WorkerStreams(torch.utils.data.IterableDataset):
             rows.close()
 
 
+def merge_counters(per_rank: list[dict]) -> dict:
+    """`TokenLoader.counters()` of several ranks -> the run's: every field summed, `epoch` the maximum."""
+    out: dict[str, dict[str, int]] = {}
+    for counters in per_rank:
+        for name, values in counters.items():
+            entry = out.setdefault(name, dict.fromkeys(COUNTER_FIELDS, 0))
+            for key in COUNTER_FIELDS:
+                entry[key] = max(entry[key], values[key]) if key == "epoch" else entry[key] + values[key]
+    return out
+
+
+def _no_counts() -> dict:
+    return dict.fromkeys(COUNTER_FIELDS[1:], 0)  # documents, skips, epoch (tokens are kept apart, exactly)
+
+
 class TokenLoader:
     """The training batches of one data-parallel rank, endless, with exact resume.
 
     Iterating yields {input_ids (B, S), shift_labels (B, S)[, position_ids (B, S)]}, int64.
-    `state_dict()` / `load_state_dict()` capture everything needed to continue token for token."""
+    `state_dict()` / `load_state_dict()` capture everything needed to continue token for token;
+    `counters()` reports per source what was trained, read and skipped."""
 
     STATE_VERSION = 1
 
@@ -342,7 +393,10 @@ class TokenLoader:
         chunks = self._chunks()
         while True:
             while self._buffer is None or len(self._buffer["tokens"]) < capacity:
-                logical, rows, state, stats = next(chunks)
+                item = next(chunks)
+                if isinstance(item, _WorkerFailure):
+                    raise DataError(item.message)
+                logical, rows, state, stats = item
                 rows = {k: np.asarray(v) for k, v in rows.items()}  # the DataLoader hands numpy arrays over as tensors
                 self._worker_states[logical] = state
                 self._worker_stats[logical] = stats
@@ -365,16 +419,24 @@ class TokenLoader:
             yield rows_to_batch(batch_rows, self.tokenizer.eos_id, self.cfg.document_masking)
 
     # -- reporting
-    def source_stats(self) -> dict:
-        """Tokens consumed per source (exact), and per-source document / skip / epoch counts."""
-        out = {name: {"tokens": t} for name, t in zip(self.source_names, self.source_tokens)}
-        for stats in self._worker_stats:
-            for name, s in stats.items():
-                entry = out.setdefault(name, {"tokens": 0})
-                entry["epoch"] = max(entry.get("epoch", 0), s["epoch"])
-                for key in ("documents", "skipped_empty", "skipped_heldout", "skipped_fetch"):
-                    entry[key] = entry.get(key, 0) + s[key]
+    def counters(self) -> dict[str, dict[str, int]]:
+        """This rank's counters per source, summed over its loader workers: {source name: {field: int}}
+        with the fields of COUNTER_FIELDS, for every configured source (weight > 0), in mixture order.
+        `tokens` are the tokens of the batches this loader has yielded (exact); the document counts are
+        what the workers have read so far (a little ahead of training: rows wait in the shuffle buffer).
+        Cheap (no I/O, no collective): fine to call at every logged step. Over ranks, combine them with
+        `merge_counters` (sum; `epoch`: max)."""
+        out = {}
+        for name, tokens in zip(self.source_names, self.source_tokens):
+            entry = {"tokens": int(tokens), **_no_counts()}
+            for stats in self._worker_stats:
+                _add_counts(entry, stats.get(name))
+            out[name] = entry
         return out
+
+    def source_stats(self) -> dict:
+        """The same as `counters()` (the name the trainer has used so far)."""
+        return self.counters()
 
     # -- resume
     def state_dict(self) -> dict:
@@ -428,3 +490,11 @@ class TokenLoader:
         buffer = state["buffer"]
         self._buffer = {k: v.numpy() for k, v in buffer.items()} if buffer else None
 
+
+def _add_counts(entry: dict, counts: Optional[dict]) -> None:
+    """Add a worker's (or a saved) document and skip counts into `entry`; the epoch is a maximum."""
+    if not counts:
+        return
+    for key in ("documents", "skipped_empty", "skipped_heldout", "skipped_fetch"):
+        entry[key] += counts.get(key, 0)
+    entry["epoch"] = max(entry["epoch"], counts.get("epoch", 0))

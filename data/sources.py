@@ -349,6 +349,45 @@ class StreamStats:
         return True
 
 
+def no_usable_document(cfg: SourceConfig, node: int, num_nodes: int, workers_per_rank: int, this_pass: dict,
+                       holdout_documents: Optional[int] = None, total_documents: Optional[int] = None) -> DataError:
+    """The error for a node that got no usable document in a whole pass over its part of a source,
+    naming the cause from the pass's counts (`this_pass`: StreamStats fields counted over the pass)."""
+    rows = sum(this_pass[k] for k in ("documents", "skipped_empty", "skipped_heldout", "skipped_fetch"))
+    ranks = max(1, num_nodes // max(1, workers_per_rank))
+    nodes = (f"{num_nodes} = {ranks} rank{'s' if ranks != 1 else ''} x {workers_per_rank} loader "
+             f"worker{'s' if workers_per_rank != 1 else ''}")
+    who = f"node {node} of {num_nodes}" if num_nodes > 1 else "it"
+    held = f"data.eval.holdout_documents={holdout_documents}" if holdout_documents is not None else "data.eval.holdout_documents"
+    if rows == 0 and num_nodes == 1:
+        cause = "the source has no documents at all (no rows); check its path and split"
+    elif rows == 0 and total_documents is not None and total_documents < num_nodes:
+        cause = (f"the source has fewer documents ({total_documents}) than nodes ({nodes}), so node {node} has none; "
+                 f"use fewer ranks or loader workers (data.num_workers), or more data")
+    elif rows == 0:
+        cause = (f"the shards (files) node {node} was given hold no rows (nodes: {nodes}); remove empty files, or use "
+                 f"fewer ranks or loader workers (data.num_workers)")
+    elif this_pass["skipped_heldout"] == rows:
+        cause = (f"all {rows} documents {who} read were held out for evaluation ({held}: the first documents of each "
+                 f"source); lower data.eval.holdout_documents, or give separate data.eval.sources")
+    elif this_pass["skipped_fetch"] == rows:
+        cause = (f"all {rows} documents {who} read failed to fetch (fetch: {cfg.fetch}); check the network, use a "
+                 f"local copy with a {cfg.text_column!r} column, or set the source's weight to 0")
+    elif this_pass["skipped_empty"] == rows:
+        cause = (f"all {rows} documents {who} read were empty or whitespace-only; check text_column "
+                 f"({cfg.text_column!r})")
+    else:
+        cause = (f"none of the {rows} documents {who} read is usable: {this_pass['skipped_empty']} empty or "
+                 f"whitespace-only, {this_pass['skipped_heldout']} held out for evaluation ({held}), "
+                 f"{this_pass['skipped_fetch']} failed to fetch")
+    where = f"node {node} of {num_nodes}" if num_nodes > 1 else "the source"
+    return DataError(f"source {cfg.name!r}: {where} got no usable document in a whole pass: {cause}")
+
+
+def pass_counts(stats: StreamStats, pass_start: dict) -> dict:
+    return {k: v - pass_start.get(k, 0) for k, v in stats.as_dict().items()}
+
+
 @dataclass(eq=False)
 class DocumentStream:
     """Batches of documents (str, or token arrays for pre-tokenized sources) from one source for one
@@ -363,11 +402,14 @@ class DocumentStream:
     exclude: set = field(default_factory=set)  # text hashes held out for evaluation
     endless: bool = True
     fetcher: Any = None
+    workers_per_rank: int = 1  # for error messages: nodes = ranks x loader workers
+    holdout_documents: Optional[int] = None  # for error messages: data.eval.holdout_documents
 
     def __post_init__(self):
         self._ds = None
         self.epoch = 0
         self.stats = StreamStats()
+        self._pass_start = self.stats.as_dict()  # the counters when this pass began
         self._batch_start_state = None  # dataset state before the current batch (None: epoch start)
         self._pending: list = []  # documents of the current batch not yet handed out
         self._consumed = 0  # documents of the current batch handed out (or skipped)
@@ -437,16 +479,30 @@ class DocumentStream:
             if not self.endless:
                 return None
             if self._documents_this_epoch == 0:
-                raise DataError(
-                    f"source {self.cfg.name!r}: node {self.node} of {self.num_nodes} got no usable document in a "
-                    f"whole pass (empty source, or fewer documents than ranks x loader workers); "
-                    f"stats: {self.stats.as_dict()}"
-                )
+                this_pass = pass_counts(self.stats, self._pass_start)
+                rows = sum(this_pass.values())
+                total = self._count_documents(self.num_nodes) if rows == 0 and self.num_nodes > 1 else None
+                raise no_usable_document(self.cfg, self.node, self.num_nodes, self.workers_per_rank, this_pass,
+                                         self.holdout_documents if self.exclude else None, total)
             self.epoch += 1
             self._documents_this_epoch = 0
+            self._pass_start = self.stats.as_dict()
             logger.info("source %s (node %d): epoch %d begins", self.cfg.name, self.node, self.epoch)
             self._pending, self._consumed = [], 0
             self._start_epoch(None)
+
+    def _count_documents(self, limit: int) -> int:
+        """Rows of the whole source (all nodes), counted up to `limit`: cheap, for an error message."""
+        iterator = open_dataset(self.cfg).iter(batch_size=limit)
+        count = 0
+        try:
+            for batch in iterator:
+                count += len(next(iter(batch.values())))
+                if count >= limit:
+                    break
+        finally:
+            iterator.close()
+        return count
 
     # -- resume
     def state_dict(self) -> dict:
@@ -456,11 +512,13 @@ class DocumentStream:
             "consumed": self._consumed,
             "documents_this_epoch": self._documents_this_epoch,
             "stats": self.stats.as_dict(),
+            "pass_start": dict(self._pass_start),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
         self.stats = StreamStats(**state["stats"])
+        self._pass_start = dict(state.get("pass_start", self.stats.as_dict()))
         self._documents_this_epoch = state["documents_this_epoch"]
         self._start_epoch(state["batch_start"])
         self._pending, self._consumed = [], 0

@@ -70,13 +70,6 @@ def test_resume_equals_an_uninterrupted_run(smollm, num_workers):
     assert third.source_stats()["fineweb-edu"]["epoch"] >= 1  # crossed an epoch boundary
 
 
-def test_workers_without_a_shuffle_buffer(smollm):
-    """Chunks from loader workers arrive as tensors; without a shuffle buffer they were batched as such."""
-    loader = setup(replica_config(smollm, num_workers=2, shuffle_buffer=0))[0]
-    for batch in take(loader, 3):
-        assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == torch.int64
-
-
 def test_resume_on_two_simulated_ranks(smollm):
     cfg = replica_config(smollm)
     for rank in range(2):
@@ -237,6 +230,7 @@ def test_pretokenized_shards_give_the_same_batches(smollm, tmp_path):
     with pytest.raises(DataError, match="was tokenized with"):
         take(TokenLoader(pre, other), 1)
 
+
 def test_weight_zero_source_is_never_opened(smollm):
     """Its path does not exist: opening it anywhere (held-out set, tokenizer, loader) would fail."""
     gone = SourceConfig("gone", "/does/not/exist/*.parquet", weight=0)
@@ -245,5 +239,10 @@ def test_weight_zero_source_is_never_opened(smollm):
     loader, _, heldout = setup(with_gone)
     assert same(take(loader, 5), take(setup(cfg)[0], 5))
     assert loader.state_dict()["fingerprint"] == setup(cfg)[0].state_dict()["fingerprint"]
-    assert set(loader.source_stats()) == {"fineweb-edu", "cosmopedia"}
+    assert set(loader.counters()) == {"fineweb-edu", "cosmopedia"}
 
+
+def test_source_names_must_differ(smollm):
+    twice = [SourceConfig("a", str(smollm), config="cosmopedia-v2"), SourceConfig("a", str(smollm), config="fineweb-edu-dedup")]
+    with pytest.raises(DataError, match=r"data.sources: the names \['a'\] are used twice; give every source its own name"):
+        replica_config(smollm, sources=twice)
