@@ -350,6 +350,8 @@ class TokenLoader:
         self._buffer: dict[str, np.ndarray] | None = None
         self.source_tokens = [0] * len(self.source_names)
         self.batches = 0
+        # documents and skips counted before a change of data order (allow_new_order), per source
+        self._carried = {name: _no_counts() for name in self.source_names}
         self._started = False
 
     # -- identity of the data order
@@ -428,7 +430,7 @@ class TokenLoader:
         `merge_counters` (sum; `epoch`: max)."""
         out = {}
         for name, tokens in zip(self.source_names, self.source_tokens):
-            entry = {"tokens": int(tokens), **_no_counts()}
+            entry = {"tokens": int(tokens), **self._carried[name]}
             for stats in self._worker_stats:
                 _add_counts(entry, stats.get(name))
             out[name] = entry
@@ -444,6 +446,7 @@ class TokenLoader:
         return {
             "version": self.STATE_VERSION,
             "fingerprint": self._fingerprint(),
+            "rank": self.rank,
             "world_size": self.world_size,
             "num_workers": self.num_logical,
             "batch_size": self.cfg.batch_size,
@@ -452,17 +455,24 @@ class TokenLoader:
             "next_worker": self._next_worker,
             "rng": self._rng.bit_generator.state,
             "buffer": {k: torch.from_numpy(v.copy()) for k, v in buffer.items()},
+            "source_names": list(self.source_names),
             "source_tokens": list(self.source_tokens),
             "batches": self.batches,
+            "carried": {name: dict(c) for name, c in self._carried.items()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, all_ranks: Optional[list[dict]] = None) -> None:
+        """Continue from a saved state: this rank's own (`state`) when the layout is the same. After a
+        change of world size, loader workers or data config (allowed by data.allow_new_order), the data
+        order starts afresh and the counters are carried so that their sum over the new ranks equals
+        the saved total: new rank r takes those of old ranks r, r + W, r + 2W, ... (W ranks now). That
+        needs `all_ranks`: the saved states in rank order, one entry per saved rank, of which only those
+        this rank takes must be there (the others may be None, not loaded); without it, a rank keeps its
+        own counters when `state` is its own and starts from zero otherwise (exact when the world grows)."""
         if self._started:
             raise RuntimeError("load_state_dict must come before iterating")
         if state.get("version") != self.STATE_VERSION:
             raise DataError(f"data loader state has version {state.get('version')}, expected {self.STATE_VERSION}")
-        self.source_tokens = list(state["source_tokens"])
-        self.batches = state["batches"]
         same_layout = (
             state["world_size"] == self.world_size
             and state["num_workers"] == self.num_logical
@@ -480,15 +490,66 @@ class TokenLoader:
                     f"data.num_workers, or set data.allow_new_order=true to start a fresh data order (documents "
                     f"seen before may be seen again)."
                 )
-            logger.warning("data: %s; starting a fresh data order (data.allow_new_order=true)", what)
+            if self.rank == 0:
+                logger.warning("data: %s; starting a fresh data order (data.allow_new_order=true)", what)
+            self._carry_counters(state, all_ranks)
             self._rng = np.random.default_rng([self.cfg.seed, self.rank, self.batches])
             return
+        own = state.get("rank", self.rank)
+        if own != self.rank:
+            raise DataError(f"data loader state of rank {own} given to rank {self.rank} with the same world size")
+        self.source_tokens = list(state["source_tokens"])
+        self.batches = state["batches"]
+        for name, counts in (state.get("carried") or {}).items():
+            if name in self._carried:
+                self._carried[name] = dict(counts)
         self._worker_states = list(state["workers"])
         self._worker_stats = list(state["worker_stats"])
         self._next_worker = state["next_worker"]
         self._rng.bit_generator.state = state["rng"]
         buffer = state["buffer"]
         self._buffer = {k: v.numpy() for k, v in buffer.items()} if buffer else None
+
+    def _carry_counters(self, state: dict, all_ranks: Optional[list[dict]]) -> None:
+        old_world = state["world_size"]
+        if all_ranks is not None:
+            if len(all_ranks) != old_world:
+                raise DataError(f"{len(all_ranks)} saved data loader states given for a run of {old_world} ranks")
+            mine = [s for r, s in enumerate(all_ranks) if r % self.world_size == self.rank]
+            if any(s is None for s in mine):
+                taken = list(range(self.rank, old_world, self.world_size))
+                raise DataError(f"rank {self.rank} carries the data counters of saved ranks {taken}: load their states")
+        else:
+            # a checkpoint has one state per saved rank; a rank without one is handed rank 0's
+            owner = state.get("rank", self.rank if self.rank < old_world else None)
+            mine = [state] if owner == self.rank else []
+            if self.world_size < old_world and self.rank == 0:
+                logger.warning("data: the counters of saved ranks %d-%d are not carried over (only all saved rank "
+                               "states together give exact totals)", self.world_size, old_world - 1)
+        tokens = dict.fromkeys(self.source_names, 0)
+        self.batches = 0
+        self._carried = {name: _no_counts() for name in self.source_names}
+        dropped = set()
+        for saved in mine:
+            names = saved.get("source_names")
+            if names is None and len(saved["source_tokens"]) == len(self.source_names):
+                names = self.source_names  # saved before names were recorded: the same sources, in order
+            for name, count in zip(names or [], saved["source_tokens"]):
+                if name in tokens:
+                    tokens[name] += int(count)
+                else:
+                    dropped.add(name)
+            self.batches += saved["batches"]
+            for name, counts in list((saved.get("carried") or {}).items()):
+                if name in self._carried:
+                    _add_counts(self._carried[name], counts)
+            for stats in saved["worker_stats"]:
+                for name, counts in stats.items():
+                    if name in self._carried:
+                        _add_counts(self._carried[name], counts)
+        if dropped:
+            logger.warning("data: counters of sources no longer configured are dropped: %s", sorted(dropped))
+        self.source_tokens = [tokens[name] for name in self.source_names]
 
 
 def _add_counts(entry: dict, counts: Optional[dict]) -> None:

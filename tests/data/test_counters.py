@@ -1,5 +1,5 @@
-"""Per-source counters (`TokenLoader.counters()`) against hand counts, and the error for a node that
-gets no usable document, naming the cause."""
+"""Per-source counters (`TokenLoader.counters()`) against hand counts, exact counters after a change
+of world size, and the error for a node that gets no usable document, naming the cause."""
 
 from __future__ import annotations
 
@@ -50,6 +50,63 @@ def test_merge_counters_sums_and_takes_the_largest_epoch():
     b = {"x": {"tokens": 5, "documents": 1, "skipped_empty": 0, "skipped_heldout": 4, "skipped_fetch": 0, "epoch": 1}}
     assert merge_counters([a, b]) == {"x": {"tokens": 15, "documents": 3, "skipped_empty": 1, "skipped_heldout": 4,
                                             "skipped_fetch": 3, "epoch": 2}}
+
+
+def _two_rank_states(smollm, batches: int):
+    cfg = replica_config(smollm)
+    states, counters = [], []
+    for rank in range(2):
+        loader = setup(cfg, rank, 2)[0]
+        take(loader, batches)
+        states.append(roundtrip(loader.state_dict()))
+        counters.append(loader.counters())
+    return states, merge_counters(counters)
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_new_world_size_keeps_the_counters_exact(smollm, new_world):
+    states, saved = _two_rank_states(smollm, batches=5)
+    cfg = replica_config(smollm, allow_new_order=True)
+    tokens_per_batch = cfg.batch_size * cfg.seq_len
+    assert sum(c["tokens"] for c in saved.values()) == 2 * 5 * tokens_per_batch  # hand count
+    loaders = []
+    for rank in range(new_world):
+        loader = setup(cfg, rank, new_world)[0]
+        # only the saved states this rank takes over need to be loaded
+        taken = [state if old % new_world == rank else None for old, state in enumerate(states)]
+        loader.load_state_dict(states[rank] if rank < 2 else states[0], all_ranks=taken)
+        loaders.append(loader)
+    restored = merge_counters([loader.counters() for loader in loaders])
+    for name in saved:
+        for key in ("tokens", "documents", "skipped_empty", "skipped_heldout", "skipped_fetch"):
+            assert restored[name][key] == saved[name][key], (name, key)
+    assert sum(loader.batches for loader in loaders) == 2 * 5
+    with pytest.raises(DataError, match=r"rank 0 carries the data counters of saved ranks \[0, 1\]: load their states"):
+        setup(cfg, 0, 1)[0].load_state_dict(states[0], all_ranks=[states[0], None])
+    # ... and training on counts on top: 3 more batches per rank
+    for loader in loaders:
+        take(loader, 3)
+    total = sum(c["tokens"] for c in merge_counters([loader.counters() for loader in loaders]).values())
+    assert total == (2 * 5 + new_world * 3) * tokens_per_batch
+    # the carried counts survive the next (same layout) resume
+    again = setup(cfg, 0, new_world)[0]
+    again.load_state_dict(roundtrip(loaders[0].state_dict()))
+    assert again.counters() == loaders[0].counters()
+
+
+def test_more_ranks_without_every_saved_state_still_count_once(smollm):
+    """What the trainer's checkpoint loading does today: a rank with no saved state of its own is
+    handed rank 0's. That state must not be counted twice."""
+    states, saved = _two_rank_states(smollm, batches=4)
+    cfg = replica_config(smollm, allow_new_order=True)
+    loaders = []
+    for rank in range(4):
+        loader = setup(cfg, rank, 4)[0]
+        loader.load_state_dict(states[rank] if rank < 2 else states[0])
+        loaders.append(loader)
+    restored = merge_counters([loader.counters() for loader in loaders])
+    assert {n: c["tokens"] for n, c in restored.items()} == {n: c["tokens"] for n, c in saved.items()}
+    assert sum(c["tokens"] for c in restored.values()) == 2 * 4 * cfg.batch_size * cfg.seq_len
 
 
 def test_same_layout_resume_keeps_the_counters(smollm):

@@ -1,6 +1,7 @@
 """The data side of `python -m train`, used as a user would: loader workers whatever
 TOKENIZERS_PARALLELISM says, the smollm preset on local copies, weight-0 sources that are never
-opened, `data=files` defaults and files with different columns."""
+opened, `data=files` defaults and files with different columns, and exact per-source token counts
+after a change of world size."""
 
 from __future__ import annotations
 
@@ -114,3 +115,15 @@ def test_files_lacking_the_text_column_are_named(tmp_path, env):
     assert (f"error: source 'files': the files have different columns: 1 of 3 lack column 'text' "
             f"({tmp_path / 'corpus' / 'part-1.parquet'}: columns ['body', 'no-text']") in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_token_counts_stay_exact_when_the_world_grows(tmp_path, env):
+    """4 steps on one rank, then 2 more on two ranks with a fresh data order: the tokens per source,
+    summed over ranks, are those of 6 steps (rank 1 has no saved state; it must not count rank 0's)."""
+    out = tmp_path / "run"
+    run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=4"], env)
+    proc = run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=6", "trainer.resume=auto",
+                      "data.allow_new_order=true"], env, nproc=2)
+    tokens_per_step = 8 * 64  # global batch x seq_len
+    assert _tokens_per_source(proc.stderr) == {"python-stdlib": 6 * tokens_per_step}
+    assert metrics(out)[-1]["tokens"] == 6 * tokens_per_step  # what metrics.jsonl says
