@@ -61,6 +61,14 @@ def test_a_folder_copied_alone(tmp_path):
     assert len(docs) == FINEMATH_DOCS and all(d.startswith("[finemath ") for d in docs)
 
 
+def test_a_directory_of_files_with_a_readme_that_lists_no_configs(tmp_path):
+    (tmp_path / "README.md").write_text("# my corpus\nNotes, not data.\n")
+    for i in range(2):
+        pq.write_table(pa.table({"text": [f"doc {i}-{j}" for j in range(3)]}), tmp_path / f"part-{i}.parquet")
+    docs = _all(DocumentStream(SourceConfig("mine", str(tmp_path)), endless=False))
+    assert sorted(docs) == [f"doc {i}-{j}" for i in range(2) for j in range(3)]
+
+
 def test_bad_local_copies_are_clear_errors(smollm_without_readme, tmp_path):
     with pytest.raises(DataError, match=r"data_dir '/does/not/exist' is not a directory; point it at a local copy of "
                                         r"'HuggingFaceTB/smollm-corpus'"):
