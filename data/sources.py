@@ -105,13 +105,14 @@ def _read_files(paths: list[str]):
         yield {"text": Path(path).read_bytes().decode("utf-8", errors="replace"), "path": path}
 
 
-def _file_list(path: Any) -> list[str]:
+def _file_list(path: Any, name: str) -> list[str]:
     patterns = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     files: list[str] = []
     for pattern in patterns:
         matched = sorted(glob.glob(str(pattern), recursive=True))
         if not matched:
-            raise DataError(f"no files match {pattern!r}")
+            raise DataError(f"source {name!r}: no files match {pattern!r}; set its path (data.sources.N.path=...) to "
+                            f"files, a glob (quoted: 'DIR/*.parquet'), a directory or a hub dataset id")
         files.extend(m for m in matched if Path(m).is_file())
     return files
 
@@ -285,7 +286,7 @@ def open_dataset(cfg: SourceConfig):
             _probe_hub(cfg)
             ds = datasets.load_dataset(path, cfg.config, split=cfg.split, streaming=True)
         else:
-            ds = _open_files(_file_list(path), cfg)
+            ds = _open_files(_file_list(path, cfg.name), cfg)
     except DataError:
         raise
     except Exception as exc:

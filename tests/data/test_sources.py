@@ -126,7 +126,8 @@ def test_local_files_jsonl_txt_and_globs(tmp_path):
     assert jsonl[5].startswith("bad bytes") and "\ufffd" in jsonl[5]
     txt = _all(DocumentStream(SourceConfig("t", str(tmp_path / "t" / "*.txt")), endless=False))
     assert len(txt) == 3 and all("second line" in d for d in txt)  # one document per file
-    with pytest.raises(DataError, match="no files match"):
+    with pytest.raises(DataError, match=r"source 'x': no files match '.*nothing-\*.parquet'; set its path "
+                                        r"\(data.sources.N.path=...\)"):
         DocumentStream(SourceConfig("x", str(tmp_path / "nothing-*.parquet")))
 
 
