@@ -9,7 +9,7 @@ every source (`sources.split_for_node`) and runs its own mixture and packer (`Pa
 DataLoader worker (or in-process with num_workers=0). Workers hand over chunks of rows together with
 their small state; the main process keeps the shuffle buffer and the last state received from each
 worker, so `TokenLoader.state_dict()` is cheap and a resumed loader yields exactly the batches an
-uninterrupted one would have.
+uninterrupted one would have. The held-out evaluation stream is in `heldout.py`.
 """
 
 from __future__ import annotations
@@ -17,17 +17,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
 
 from .pretokenize import PretokenizedStream, is_pretokenized
-from .sources import DataError, DocumentStream, SourceConfig, doc_hash
+from .sources import DataError, DocumentStream, SourceConfig
 from .tokenizer import TextTokenizer, TokenizerConfig, default_cache_dir
 
+if TYPE_CHECKING:
+    from .heldout import HeldOut
+
 logger = logging.getLogger(__name__)
+
+# Per source, what `TokenLoader.counters()` reports: tokens trained (exact), documents read, documents
+# skipped (empty or whitespace-only, held out for evaluation, failed to fetch), and the epoch (passes
+# begun over the source's data). Every field adds up over workers and ranks except `epoch`: a maximum.
+COUNTER_FIELDS = ("tokens", "documents", "skipped_empty", "skipped_heldout", "skipped_fetch", "epoch")
 
 
 @dataclass
@@ -63,6 +72,10 @@ class DataConfig:
             raise DataError(f"data.seq_len and data.batch_size must be >= 1 (got {self.seq_len}, {self.batch_size})")
         if not self.sources:
             raise DataError("data.sources is empty: give at least one source")
+        names = [s.name for s in self.sources]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:  # counters and resume states are kept by source name
+            raise DataError(f"data.sources: the names {repeated} are used twice; give every source its own name")
 
 
 def mixture_weights(sources: list[SourceConfig]) -> tuple[list[SourceConfig], list[float]]:
@@ -85,45 +98,20 @@ def mixture_weights(sources: list[SourceConfig]) -> tuple[list[SourceConfig], li
     return kept, weights
 
 
-def open_stream(source: SourceConfig, node=0, num_nodes=1, read_batch=64, exclude=frozenset(), endless=True, fetcher=None):
+def open_stream(source: SourceConfig, node=0, num_nodes=1, read_batch=64, exclude=frozenset(), endless=True, fetcher=None,
+                workers_per_rank=1, holdout_documents=None):
     """The right stream for a source: pre-tokenized shards, or text through `datasets`."""
     if is_pretokenized(source.path):
-        return PretokenizedStream(source, node, num_nodes, read_batch, set(exclude), endless)
+        return PretokenizedStream(source, node, num_nodes, read_batch, set(exclude), endless,
+                                  workers_per_rank=workers_per_rank, holdout_documents=holdout_documents)
     if source.fetch is not None and fetcher is None:
         if source.fetch != "softwareheritage":
             raise DataError(f"source {source.name!r}: fetch={source.fetch!r}; the only fetcher is softwareheritage")
         from .swh import SoftwareHeritageFetcher
 
         fetcher = SoftwareHeritageFetcher(default_cache_dir() / "softwareheritage")
-    return DocumentStream(source, node, num_nodes, read_batch, set(exclude), endless, fetcher)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Held-out evaluation documents
-
-
-class HeldOut:
-    """The evaluation documents: the first `holdout_documents` usable documents of each source (or of
-    the explicit eval sources). Every node computes the same set, so training can skip them by hash."""
-
-    def __init__(self, cfg: DataConfig):
-        self.explicit = cfg.eval.sources is not None
-        sources = cfg.eval.sources if self.explicit else mixture_weights(cfg.sources)[0]
-        self.documents: list[tuple[int, Any]] = []  # (source index, document)
-        for index, source in enumerate(sources):
-            stream = open_stream(source, endless=False, read_batch=cfg.read_batch)
-            try:
-                for _ in range(cfg.eval.holdout_documents):
-                    doc = stream.next_document()
-                    if doc is None:
-                        break
-                    self.documents.append((index, doc))
-            finally:
-                stream.close()
-        if cfg.eval.holdout_documents and not self.documents:
-            raise DataError("the evaluation stream is empty: its sources gave no usable document")
-        # with separate eval sources, nothing needs to be skipped in training
-        self.exclude = set() if self.explicit else {doc_hash(d) for _, d in self.documents}
+    return DocumentStream(source, node, num_nodes, read_batch, set(exclude), endless, fetcher, workers_per_rank,
+                          holdout_documents)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,11 +131,16 @@ class PackedRows:
         num_nodes: int = 1,
         exclude: set = frozenset(),
         fetcher=None,
+        workers_per_rank: int = 1,
     ):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.sources, self.weights = mixture_weights(cfg.sources)
-        self.streams = [open_stream(s, node, num_nodes, cfg.read_batch, exclude, fetcher=fetcher) for s in self.sources]
+        self.streams = [
+            open_stream(s, node, num_nodes, cfg.read_batch, exclude, fetcher=fetcher, workers_per_rank=workers_per_rank,
+                        holdout_documents=cfg.eval.holdout_documents)
+            for s in self.sources
+        ]
         for stream in self.streams:
             if isinstance(stream, PretokenizedStream):
                 stream.check_tokenizer(tokenizer)
@@ -259,6 +252,25 @@ def rows_to_batch(rows: dict[str, np.ndarray], eos_id: int, document_masking: bo
     return batch
 
 
+def _worker_init(worker_id: int) -> None:
+    """First thing in every DataLoader worker. A forked worker inherits the `tokenizers` library's
+    (Rust, rayon) thread pool without its threads. The library protects such a child only when
+    TOKENIZERS_PARALLELISM is unset; when the variable says true and the parent has used the pool
+    (BPE training, encoding the held-out documents), the worker's first `encode_batch` waits forever
+    on threads that do not exist. The library reads the variable at every call, so turning it off here,
+    before any encoding in the worker, is enough: each worker encodes on its own thread (the workers
+    are the parallelism), whatever the environment says."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+@dataclass
+class _WorkerFailure:
+    """A DataError in a loader worker, handed to the main process to raise as it is (the DataLoader
+    would wrap it in the worker's traceback)."""
+
+    message: str
+
+
 class _WorkerStreams(torch.utils.data.IterableDataset):
     """Runs one `PackedRows` per DataLoader worker and yields (logical worker, rows, state) chunks."""
 
@@ -267,13 +279,23 @@ class _WorkerStreams(torch.utils.data.IterableDataset):
         self.args = (cfg, tokenizer, rank, world_size, num_logical, offset, states, exclude, chunk_rows, fetcher)
 
     def __iter__(self):
+        if torch.utils.data.get_worker_info() is None:
+            yield from self._chunks()
+            return
+        try:
+            yield from self._chunks()
+        except DataError as exc:
+            yield _WorkerFailure(str(exc))
+
+    def _chunks(self):
         cfg, tokenizer, rank, world_size, num_logical, offset, states, exclude, chunk_rows, fetcher = self.args
         info = torch.utils.data.get_worker_info()
         logical = ((info.id if info else 0) + offset) % num_logical
-        rows = PackedRows(cfg, tokenizer, rank * num_logical + logical, world_size * num_logical, exclude, fetcher)
-        if states[logical] is not None:
-            rows.load_state_dict(states[logical])
+        rows = PackedRows(cfg, tokenizer, rank * num_logical + logical, world_size * num_logical, exclude, fetcher,
+                          workers_per_rank=num_logical)
         try:
+            if states[logical] is not None:
+                rows.load_state_dict(states[logical])
             while True:
                 chunk = rows.next_rows(chunk_rows)
                 yield logical, chunk, rows.state_dict(), rows.stats()
@@ -281,11 +303,27 @@ class _WorkerStreams(torch.utils.data.IterableDataset):
             rows.close()
 
 
+def merge_counters(per_rank: list[dict]) -> dict:
+    """`TokenLoader.counters()` of several ranks -> the run's: every field summed, `epoch` the maximum."""
+    out: dict[str, dict[str, int]] = {}
+    for counters in per_rank:
+        for name, values in counters.items():
+            entry = out.setdefault(name, dict.fromkeys(COUNTER_FIELDS, 0))
+            for key in COUNTER_FIELDS:
+                entry[key] = max(entry[key], values[key]) if key == "epoch" else entry[key] + values[key]
+    return out
+
+
+def _no_counts() -> dict:
+    return dict.fromkeys(COUNTER_FIELDS[1:], 0)  # documents, skips, epoch (tokens are kept apart, exactly)
+
+
 class TokenLoader:
     """The training batches of one data-parallel rank, endless, with exact resume.
 
     Iterating yields {input_ids (B, S), shift_labels (B, S)[, position_ids (B, S)]}, int64.
-    `state_dict()` / `load_state_dict()` capture everything needed to continue token for token."""
+    `state_dict()` / `load_state_dict()` capture everything needed to continue token for token;
+    `counters()` reports per source what was trained, read and skipped."""
 
     STATE_VERSION = 1
 
@@ -295,7 +333,7 @@ class TokenLoader:
         tokenizer: TextTokenizer,
         rank: int = 0,
         world_size: int = 1,
-        heldout: HeldOut | None = None,
+        heldout: "HeldOut | None" = None,
         fetcher=None,
     ):
         self.cfg = cfg
@@ -312,12 +350,20 @@ class TokenLoader:
         self._buffer: dict[str, np.ndarray] | None = None
         self.source_tokens = [0] * len(self.source_names)
         self.batches = 0
+        # documents and skips counted before a change of data order (allow_new_order), per source
+        self._carried = {name: _no_counts() for name in self.source_names}
         self._started = False
 
     # -- identity of the data order
     def _fingerprint(self) -> str:
+        sources = []
+        for s in mixture_weights(self.cfg.sources)[0]:
+            entry = asdict(s)
+            if entry["data_dir"] is None:
+                del entry["data_dir"]  # so that checkpoints from before the field existed still resume
+            sources.append(entry)
         spec = {
-            "sources": [asdict(s) for s in mixture_weights(self.cfg.sources)[0]],
+            "sources": sources,
             "seq_len": self.cfg.seq_len,
             "mixture_by": self.cfg.mixture_by,
             "tokenizer": self.tokenizer.fingerprint,
@@ -335,7 +381,8 @@ class TokenLoader:
             yield from dataset
             return
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=self.cfg.num_workers, prefetch_factor=4, persistent_workers=False
+            dataset, batch_size=None, num_workers=self.cfg.num_workers, prefetch_factor=4, persistent_workers=False,
+            worker_init_fn=_worker_init,
         )
         yield from loader
 
@@ -348,7 +395,11 @@ class TokenLoader:
         chunks = self._chunks()
         while True:
             while self._buffer is None or len(self._buffer["tokens"]) < capacity:
-                logical, rows, state, stats = next(chunks)
+                item = next(chunks)
+                if isinstance(item, _WorkerFailure):
+                    raise DataError(item.message)
+                logical, rows, state, stats = item
+                rows = {k: np.asarray(v) for k, v in rows.items()}  # the DataLoader hands numpy arrays over as tensors
                 self._worker_states[logical] = state
                 self._worker_stats[logical] = stats
                 self._next_worker = (logical + 1) % self.num_logical
@@ -370,16 +421,24 @@ class TokenLoader:
             yield rows_to_batch(batch_rows, self.tokenizer.eos_id, self.cfg.document_masking)
 
     # -- reporting
-    def source_stats(self) -> dict:
-        """Tokens consumed per source (exact), and per-source document / skip / epoch counts."""
-        out = {name: {"tokens": t} for name, t in zip(self.source_names, self.source_tokens)}
-        for stats in self._worker_stats:
-            for name, s in stats.items():
-                entry = out.setdefault(name, {"tokens": 0})
-                entry["epoch"] = max(entry.get("epoch", 0), s["epoch"])
-                for key in ("documents", "skipped_empty", "skipped_heldout", "skipped_fetch"):
-                    entry[key] = entry.get(key, 0) + s[key]
+    def counters(self) -> dict[str, dict[str, int]]:
+        """This rank's counters per source, summed over its loader workers: {source name: {field: int}}
+        with the fields of COUNTER_FIELDS, for every configured source (weight > 0), in mixture order.
+        `tokens` are the tokens of the batches this loader has yielded (exact); the document counts are
+        what the workers have read so far (a little ahead of training: rows wait in the shuffle buffer).
+        Cheap (no I/O, no collective): fine to call at every logged step. Over ranks, combine them with
+        `merge_counters` (sum; `epoch`: max)."""
+        out = {}
+        for name, tokens in zip(self.source_names, self.source_tokens):
+            entry = {"tokens": int(tokens), **self._carried[name]}
+            for stats in self._worker_stats:
+                _add_counts(entry, stats.get(name))
+            out[name] = entry
         return out
+
+    def source_stats(self) -> dict:
+        """The same as `counters()` (the name the trainer has used so far)."""
+        return self.counters()
 
     # -- resume
     def state_dict(self) -> dict:
@@ -387,6 +446,7 @@ class TokenLoader:
         return {
             "version": self.STATE_VERSION,
             "fingerprint": self._fingerprint(),
+            "rank": self.rank,
             "world_size": self.world_size,
             "num_workers": self.num_logical,
             "batch_size": self.cfg.batch_size,
@@ -395,17 +455,24 @@ class TokenLoader:
             "next_worker": self._next_worker,
             "rng": self._rng.bit_generator.state,
             "buffer": {k: torch.from_numpy(v.copy()) for k, v in buffer.items()},
+            "source_names": list(self.source_names),
             "source_tokens": list(self.source_tokens),
             "batches": self.batches,
+            "carried": {name: dict(c) for name, c in self._carried.items()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, all_ranks: Optional[list[dict]] = None) -> None:
+        """Continue from a saved state: this rank's own (`state`) when the layout is the same. After a
+        change of world size, loader workers or data config (allowed by data.allow_new_order), the data
+        order starts afresh and the counters are carried so that their sum over the new ranks equals
+        the saved total: new rank r takes those of old ranks r, r + W, r + 2W, ... (W ranks now). That
+        needs `all_ranks`: the saved states in rank order, one entry per saved rank, of which only those
+        this rank takes must be there (the others may be None, not loaded); without it, a rank keeps its
+        own counters when `state` is its own and starts from zero otherwise (exact when the world grows)."""
         if self._started:
             raise RuntimeError("load_state_dict must come before iterating")
         if state.get("version") != self.STATE_VERSION:
             raise DataError(f"data loader state has version {state.get('version')}, expected {self.STATE_VERSION}")
-        self.source_tokens = list(state["source_tokens"])
-        self.batches = state["batches"]
         same_layout = (
             state["world_size"] == self.world_size
             and state["num_workers"] == self.num_logical
@@ -423,9 +490,19 @@ class TokenLoader:
                     f"data.num_workers, or set data.allow_new_order=true to start a fresh data order (documents "
                     f"seen before may be seen again)."
                 )
-            logger.warning("data: %s; starting a fresh data order (data.allow_new_order=true)", what)
+            if self.rank == 0:
+                logger.warning("data: %s; starting a fresh data order (data.allow_new_order=true)", what)
+            self._carry_counters(state, all_ranks)
             self._rng = np.random.default_rng([self.cfg.seed, self.rank, self.batches])
             return
+        own = state.get("rank", self.rank)
+        if own != self.rank:
+            raise DataError(f"data loader state of rank {own} given to rank {self.rank} with the same world size")
+        self.source_tokens = list(state["source_tokens"])
+        self.batches = state["batches"]
+        for name, counts in (state.get("carried") or {}).items():
+            if name in self._carried:
+                self._carried[name] = dict(counts)
         self._worker_states = list(state["workers"])
         self._worker_stats = list(state["worker_stats"])
         self._next_worker = state["next_worker"]
@@ -433,38 +510,52 @@ class TokenLoader:
         buffer = state["buffer"]
         self._buffer = {k: v.numpy() for k, v in buffer.items()} if buffer else None
 
+    def _carry_counters(self, state: dict, all_ranks: Optional[list[dict]]) -> None:
+        old_world = state["world_size"]
+        if all_ranks is not None:
+            if len(all_ranks) != old_world:
+                raise DataError(f"{len(all_ranks)} saved data loader states given for a run of {old_world} ranks")
+            mine = [s for r, s in enumerate(all_ranks) if r % self.world_size == self.rank]
+            if any(s is None for s in mine):
+                taken = list(range(self.rank, old_world, self.world_size))
+                raise DataError(f"rank {self.rank} carries the data counters of saved ranks {taken}: load their states")
+        else:
+            # a checkpoint has one state per saved rank; a rank without one is handed rank 0's
+            owner = state.get("rank", self.rank if self.rank < old_world else None)
+            mine = [state] if owner == self.rank else []
+            if self.world_size < old_world and self.rank == 0:
+                logger.warning("data: the counters of saved ranks %d-%d are not carried over (only all saved rank "
+                               "states together give exact totals)", self.world_size, old_world - 1)
+        tokens = dict.fromkeys(self.source_names, 0)
+        self.batches = 0
+        self._carried = {name: _no_counts() for name in self.source_names}
+        dropped = set()
+        for saved in mine:
+            names = saved.get("source_names")
+            if names is None and len(saved["source_tokens"]) == len(self.source_names):
+                names = self.source_names  # saved before names were recorded: the same sources, in order
+            for name, count in zip(names or [], saved["source_tokens"]):
+                if name in tokens:
+                    tokens[name] += int(count)
+                else:
+                    dropped.add(name)
+            self.batches += saved["batches"]
+            for name, counts in list((saved.get("carried") or {}).items()):
+                if name in self._carried:
+                    _add_counts(self._carried[name], counts)
+            for stats in saved["worker_stats"]:
+                for name, counts in stats.items():
+                    if name in self._carried:
+                        _add_counts(self._carried[name], counts)
+        if dropped:
+            logger.warning("data: counters of sources no longer configured are dropped: %s", sorted(dropped))
+        self.source_tokens = [tokens[name] for name in self.source_names]
 
-def eval_batches(
-    cfg: DataConfig, tokenizer: TextTokenizer, heldout: HeldOut, rank: int = 0, world_size: int = 1
-) -> list[dict[str, torch.Tensor]]:
-    """The held-out batches of this rank: the held-out documents packed in order, rows dealt out
-    to ranks round-robin, at most `eval.max_batches` batches per rank (evenly spaced over the held-out
-    documents). The same every time."""
-    width = cfg.seq_len + 1
-    tokens, starts = [], []
-    encoded = tokenizer.encode_batch([d for _, d in heldout.documents if isinstance(d, str)])
-    it = iter(encoded)
-    for _, doc in heldout.documents:
-        ids = np.asarray(next(it) if isinstance(doc, str) else doc, dtype=np.int32)
-        ids = np.append(ids, np.int32(tokenizer.eos_id))
-        tokens.append(ids)
-        flags = np.zeros(len(ids), dtype=bool)
-        flags[0] = True
-        starts.append(flags)
-    stream, flags = np.concatenate(tokens), np.concatenate(starts)
-    num_rows = (len(stream) - 1) // cfg.seq_len
-    if num_rows < world_size:
-        raise DataError(
-            f"the evaluation stream has {num_rows} rows of {cfg.seq_len} tokens for {world_size} ranks: hold out more "
-            f"documents (data.eval.holdout_documents) or evaluate on fewer ranks"
-        )
-    mine = np.arange(rank, num_rows, world_size)
-    limit = cfg.eval.max_batches * cfg.batch_size
-    if len(mine) > limit:  # spread over all held-out documents rather than the first few
-        mine = mine[np.linspace(0, len(mine) - 1, limit).round().astype(int)]
-    index = mine[:, None] * cfg.seq_len + np.arange(width)[None, :]
-    rows = {"tokens": stream[index], "starts": flags[index]}
-    return [
-        rows_to_batch({k: v[i : i + cfg.batch_size] for k, v in rows.items()}, tokenizer.eos_id, cfg.document_masking)
-        for i in range(0, len(mine), cfg.batch_size)
-    ]
+
+def _add_counts(entry: dict, counts: Optional[dict]) -> None:
+    """Add a worker's (or a saved) document and skip counts into `entry`; the epoch is a maximum."""
+    if not counts:
+        return
+    for key in ("documents", "skipped_empty", "skipped_heldout", "skipped_fetch"):
+        entry[key] += counts.get(key, 0)
+    entry["epoch"] = max(entry["epoch"], counts.get("epoch", 0))

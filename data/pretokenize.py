@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import DataError, SourceConfig, StreamStats
+from .sources import DataError, SourceConfig, StreamStats, no_usable_document, pass_counts
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +109,11 @@ class PretokenizedStream:
     (numbered across shards) belongs to node g mod num_nodes. Same interface as DocumentStream."""
 
     def __init__(self, cfg: SourceConfig, node: int = 0, num_nodes: int = 1, read_batch: int = 64,
-                 exclude: set = frozenset(), endless: bool = True, fetcher=None):
+                 exclude: set = frozenset(), endless: bool = True, fetcher=None, workers_per_rank: int = 1,
+                 holdout_documents: int | None = None):
         self.cfg, self.node, self.num_nodes, self.endless = cfg, node, num_nodes, endless
         self.exclude = exclude
+        self.workers_per_rank, self.holdout_documents = workers_per_rank, holdout_documents
         directory = Path(cfg.path)
         self.index = read_index(directory)
         dtype = np.dtype(self.index["dtype"])
@@ -122,10 +124,17 @@ class PretokenizedStream:
         self._first_doc = np.cumsum([0] + [s["num_documents"] for s in self.index["shards"]])
         total = int(self._first_doc[-1])
         self._mine = max(0, (total - node + num_nodes - 1) // num_nodes)
-        if self._mine == 0:
-            raise DataError(f"source {cfg.name!r}: {total} documents cannot feed node {node} of {num_nodes}")
         self.epoch, self.cursor = 0, 0
         self.stats = StreamStats()
+        self._pass_start = self.stats.as_dict()
+        self._documents_this_epoch = 0
+        if self._mine == 0:
+            raise self._no_usable_document(total)
+
+    def _no_usable_document(self, total: int) -> DataError:
+        return no_usable_document(self.cfg, self.node, self.num_nodes, self.workers_per_rank,
+                                  pass_counts(self.stats, self._pass_start),
+                                  self.holdout_documents if self.exclude else None, total)
 
     def check_tokenizer(self, tokenizer) -> None:
         if self.index["tokenizer"] != tokenizer.fingerprint:
@@ -146,18 +155,26 @@ class PretokenizedStream:
             if self.cursor >= self._mine:
                 if not self.endless:
                     return None
+                if self._documents_this_epoch == 0:  # a whole pass of empty or held-out documents
+                    raise self._no_usable_document(int(self._first_doc[-1]))
                 self.epoch, self.cursor = self.epoch + 1, 0
+                self._pass_start, self._documents_this_epoch = self.stats.as_dict(), 0
             doc = self._document(self.node + self.cursor * self.num_nodes)
             self.cursor += 1
             if self.stats.admit(doc, self.exclude):
+                self._documents_this_epoch += 1
                 return doc
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "stats": self.stats.as_dict()}
+        return {"epoch": self.epoch, "cursor": self.cursor, "stats": self.stats.as_dict(),
+                "pass_start": dict(self._pass_start), "documents_this_epoch": self._documents_this_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.stats = StreamStats(**state["stats"])
+        self._pass_start = dict(state.get("pass_start", self.stats.as_dict()))
+        # states saved before this was recorded: count the pass as productive (it was, or it would have hung)
+        self._documents_this_epoch = state.get("documents_this_epoch", 1)
 
     def close(self) -> None:
         pass

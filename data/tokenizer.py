@@ -133,11 +133,33 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def bpe_training_sources(sources: list[SourceConfig]) -> list[SourceConfig]:
+    """The sources a BPE is trained on: those trained on (weight > 0; a weight-0 source is not even
+    opened), except those whose text is fetched per document (fetch: softwareheritage): fetching
+    thousands of files from S3 to train a tokenizer would make it depend on the network and take
+    minutes. Their share of `train_bytes` goes to the other sources; the choice is logged."""
+    trained = [s for s in sources if s.weight > 0]
+    fetched = [s.name for s in trained if s.fetch]
+    kept = [s for s in trained if not s.fetch]
+    if fetched:
+        logger.info("BPE training skips %s (fetch: its text is fetched per document while training); it is trained "
+                    "on %s", fetched, [s.name for s in kept])
+    if not kept:
+        raise DataError(
+            f"no source to train the BPE tokenizer on: {fetched or [s.name for s in sources]} "
+            f"{'fetch their text per document' if fetched else 'have weight 0'}. Use a pretrained tokenizer "
+            f"(data.tokenizer.name_or_path=<hub id or folder>) or add a source with local text."
+        )
+    return kept
+
+
 def _training_texts(sources: list[SourceConfig], budget: int, exclude: set) -> Iterable[str]:
     """The first `budget` bytes of the sources, split across them by weight (what the model trains on)."""
     total = sum(s.weight for s in sources)
     for source in sources:
         share = int(budget * source.weight / total)
+        if share <= 0:
+            continue
         stream = DocumentStream(source, endless=False, exclude=exclude)
         seen = 0
         try:
@@ -151,8 +173,11 @@ def _training_texts(sources: list[SourceConfig], budget: int, exclude: set) -> I
 def load_or_train_bpe(cfg: TokenizerConfig, sources: list[SourceConfig], exclude: set) -> TextTokenizer:
     from tokenizers import Tokenizer
 
+    sources = bpe_training_sources(sources)
     spec = {
-        "sources": [[s.name, str(s.path), s.config, s.split, s.text_column, s.weight] for s in sources],
+        # data_dir only when set, so that tokenizers cached before the field existed are found again
+        "sources": [[s.name, str(s.path), s.config, s.split, s.text_column, s.weight] + ([s.data_dir] if s.data_dir else [])
+                    for s in sources],
         "vocab_size": cfg.vocab_size,
         "train_bytes": cfg.train_bytes,
         "heldout": len(exclude),

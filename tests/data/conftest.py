@@ -21,7 +21,7 @@ def _text(rng: random.Random, tag: str) -> str:
     return tag + " " + " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def build_replica(root, with_python_text: bool = False) -> None:
+def build_replica(root, with_python_text: bool = False, readme: bool = True) -> None:
     rng = random.Random(0)
     configs = dict(SHARDS)
     for config, shards in configs.items():
@@ -49,7 +49,21 @@ def build_replica(root, with_python_text: bool = False) -> None:
     header = "".join(
         f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*\n" for c in configs
     )
-    (root / "README.md").write_text(f"---\nlicense: odc-by\nconfigs:\n{header}---\n# smollm-corpus (test replica)\n")
+    if readme:
+        (root / "README.md").write_text(f"---\nlicense: odc-by\nconfigs:\n{header}---\n# smollm-corpus (test replica)\n")
+
+
+FINEMATH_DOCS = 30
+
+
+def build_finemath(root) -> None:
+    """HuggingFaceTB/finemath's layout for config finemath-4plus (a `text` column), without a README:
+    what downloading only that folder gives."""
+    rng = random.Random(1)
+    (root / "finemath-4plus").mkdir(parents=True)
+    texts = [_text(rng, f"[finemath {j}]") for j in range(FINEMATH_DOCS)]
+    table = {"url": [f"https://m/{j}" for j in range(FINEMATH_DOCS)], "text": texts, "score": [4.0] * FINEMATH_DOCS}
+    pq.write_table(pa.table(table), root / "finemath-4plus" / "train-00000-of-00001.parquet")
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +77,14 @@ def smollm(tmp_path_factory):
 def smollm_with_python_text(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm-corpus-local-python")
     build_replica(root, with_python_text=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def smollm_without_readme(tmp_path_factory):
+    """The same files without README.md (e.g. only the parquet folders were copied)."""
+    root = tmp_path_factory.mktemp("smollm-corpus-no-readme")
+    build_replica(root, readme=False)
     return root
 
 

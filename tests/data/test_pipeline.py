@@ -229,3 +229,20 @@ def test_pretokenized_shards_give_the_same_batches(smollm, tmp_path):
     other = build_tokenizer(TokenizerConfig("bpe", vocab_size=300, train_bytes=50_000), cfg.sources)
     with pytest.raises(DataError, match="was tokenized with"):
         take(TokenLoader(pre, other), 1)
+
+
+def test_weight_zero_source_is_never_opened(smollm):
+    """Its path does not exist: opening it anywhere (held-out set, tokenizer, loader) would fail."""
+    gone = SourceConfig("gone", "/does/not/exist/*.parquet", weight=0)
+    cfg = replica_config(smollm)
+    with_gone = replica_config(smollm, sources=[*cfg.sources, gone])
+    loader, _, heldout = setup(with_gone)
+    assert same(take(loader, 5), take(setup(cfg)[0], 5))
+    assert loader.state_dict()["fingerprint"] == setup(cfg)[0].state_dict()["fingerprint"]
+    assert set(loader.counters()) == {"fineweb-edu", "cosmopedia"}
+
+
+def test_source_names_must_differ(smollm):
+    twice = [SourceConfig("a", str(smollm), config="cosmopedia-v2"), SourceConfig("a", str(smollm), config="fineweb-edu-dedup")]
+    with pytest.raises(DataError, match=r"data.sources: the names \['a'\] are used twice; give every source its own name"):
+        replica_config(smollm, sources=twice)

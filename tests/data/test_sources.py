@@ -93,7 +93,8 @@ def test_python_edu_unreachable_stops_with_a_message(smollm, tmp_path):
 def test_hub_id_offline_fails_fast_with_what_was_tried():
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     start = time.monotonic()
-    with pytest.raises(DataError, match=r"HuggingFaceTB/smollm-corpus.*cosmopedia-v2.*Offline\? Point `path`"):
+    with pytest.raises(DataError, match=r"HuggingFaceTB/smollm-corpus.*cosmopedia-v2.*Offline\? .*set this source's "
+                                        r"data_dir=DIR \(data=smollm: data.smollm_corpus_dir=DIR\)"):
         DocumentStream(SourceConfig("c", "HuggingFaceTB/smollm-corpus", config="cosmopedia-v2"))
     assert time.monotonic() - start < 10
 
@@ -125,7 +126,8 @@ def test_local_files_jsonl_txt_and_globs(tmp_path):
     assert jsonl[5].startswith("bad bytes") and "\ufffd" in jsonl[5]
     txt = _all(DocumentStream(SourceConfig("t", str(tmp_path / "t" / "*.txt")), endless=False))
     assert len(txt) == 3 and all("second line" in d for d in txt)  # one document per file
-    with pytest.raises(DataError, match="no files match"):
+    with pytest.raises(DataError, match=r"source 'x': no files match '.*nothing-\*.parquet'; set its path "
+                                        r"\(data.sources.N.path=...\)"):
         DocumentStream(SourceConfig("x", str(tmp_path / "nothing-*.parquet")))
 
 

@@ -71,3 +71,35 @@ def test_model_vocab_must_cover_the_tokenizer(sources):
     check_vocab(tok, 400)
     with pytest.raises(DataError, match=r"produces 400 token ids but the model's vocab_size is 256: set model.vocab_size=400"):
         check_vocab(tok, 256)
+
+
+def test_weight_zero_sources_are_not_opened_for_bpe_training(sources, monkeypatch):
+    opened = []
+    real = tokenizer_module.DocumentStream
+
+    def recording(source, *args, **kwargs):
+        opened.append(source.name)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_module, "DocumentStream", recording)
+    cfg = TokenizerConfig("bpe", vocab_size=300, train_bytes=50_000)
+    gone = SourceConfig("gone", "/does/not/exist/*.parquet", weight=0)  # opening it would fail: no files match
+    with_gone = build_tokenizer(cfg, [*sources, gone])
+    assert opened == ["fw", "cosmo"]
+    assert with_gone.fingerprint == build_tokenizer(cfg, sources).fingerprint
+
+
+def test_fetched_sources_are_skipped_by_bpe_training_and_it_says_so(sources, smollm, monkeypatch, caplog):
+    opened = []
+    real = tokenizer_module.DocumentStream
+    monkeypatch.setattr(tokenizer_module, "DocumentStream",
+                        lambda source, *a, **k: opened.append(source.name) or real(source, *a, **k))
+    python_edu = SourceConfig("python-edu", str(smollm), config="python-edu", fetch="softwareheritage", weight=0.3)
+    with caplog.at_level("INFO", logger="data.tokenizer"):
+        build_tokenizer(TokenizerConfig("bpe", vocab_size=300, train_bytes=50_000), [*sources, python_edu])
+    assert opened == ["fw", "cosmo"]
+    assert "BPE training skips ['python-edu'] (fetch: its text is fetched per document while training); it is " \
+           "trained on ['fw', 'cosmo']" in caplog.text
+    with pytest.raises(DataError, match=r"no source to train the BPE tokenizer on: \['python-edu'\] fetch their text "
+                                        r"per document. Use a pretrained tokenizer"):
+        build_tokenizer(TokenizerConfig("bpe", vocab_size=300, train_bytes=50_000), [python_edu])

@@ -1,0 +1,129 @@
+"""The data side of `python -m train`, used as a user would: loader workers whatever
+TOKENIZERS_PARALLELISM says, the smollm preset on local copies, weight-0 sources that are never
+opened, `data=files` defaults and files with different columns, and exact per-source token counts
+after a change of world size."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.data.conftest import build_finemath, build_replica
+
+from .conftest import FAST, metrics, run_train
+
+
+def _tokens_per_source(stderr: str) -> dict:
+    """The end-of-run log line: `tokens trained per source: {...}` (summed over ranks)."""
+    found = re.findall(r"tokens trained per source: (\{.*\})", stderr)
+    assert found, stderr[-3000:]
+    return eval(found[-1])  # a dict literal of str -> int written by the trainer
+
+
+def test_loader_workers_train_with_tokenizers_parallelism_on(tmp_path, env):
+    """The parent uses the tokenizers thread pool (held-out encoding, BPE training) before forking
+    the loader workers; with TOKENIZERS_PARALLELISM=true the workers used to wait on it forever."""
+    out = tmp_path / "run"
+    try:
+        run_train([f"trainer.output_dir={out}", *FAST, "data.num_workers=2", "trainer.max_steps=3",
+                   "trainer.eval_every=3"], {**env, "TOKENIZERS_PARALLELISM": "true"}, timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail("python -m train data.num_workers=2 with TOKENIZERS_PARALLELISM=true hung")
+    assert [m["step"] for m in metrics(out) if "loss" in m] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    """smollm-corpus with the hub's README.md, the same without it, and finemath's folder alone."""
+    root = tmp_path_factory.mktemp("hub-copies")
+    build_replica(root / "smollm-corpus")
+    build_replica(root / "smollm-corpus-no-readme", readme=False)
+    build_finemath(root / "finemath")
+    return root
+
+
+SMALL_TOKENIZER = ["data.tokenizer.name_or_path=bpe", "data.tokenizer.vocab_size=2048"]  # Doge's is on the hub
+
+
+def test_smollm_preset_on_a_local_copy_without_its_weight_zero_sources(tmp_path, env, replicas):
+    """Offline (HF_HUB_OFFLINE=1): fineweb-edu and cosmopedia-v2 from a local copy; python-edu at weight
+    0 with a data_dir that does not exist, finemath at weight 0 on the hub: neither may be opened."""
+    copy = replicas / "smollm-corpus"
+    out = tmp_path / "run"
+    proc = run_train([f"trainer.output_dir={out}", "data=smollm", *FAST, *SMALL_TOKENIZER, "trainer.max_steps=2",
+                      f"data.sources.0.data_dir={copy}", f"data.sources.1.data_dir={copy}",
+                      "data.sources.2.weight=0", "data.sources.2.data_dir=/does/not/exist",
+                      "data.sources.3.weight=0"], env)
+    assert "sources with weight 0 are left out: ['python-edu', 'finemath']" in proc.stderr
+    tokens = _tokens_per_source(proc.stderr)
+    assert set(tokens) == {"fineweb-edu", "cosmopedia-v2"} and sum(tokens.values()) == 2 * 8 * 64
+
+
+def _local_copy_keys_in_the_schema() -> bool:
+    from train.config import DataSchema
+
+    names = {f.name for f in dataclasses.fields(DataSchema)}
+    return {"smollm_corpus_dir", "finemath_dir"} <= names
+
+
+@pytest.mark.skipif(not _local_copy_keys_in_the_schema(),
+                    reason="train.config.DataSchema lacks smollm_corpus_dir / finemath_dir (trainer side to wire)")
+def test_smollm_preset_from_one_key_per_local_copy(tmp_path, env, replicas):
+    """One key per dataset copy, copies without the hub's README.md."""
+    out = tmp_path / "run"
+    proc = run_train([f"trainer.output_dir={out}", "data=smollm", *FAST, *SMALL_TOKENIZER, "trainer.max_steps=2",
+                      f"data.smollm_corpus_dir={replicas / 'smollm-corpus-no-readme'}",
+                      f"data.finemath_dir={replicas / 'finemath'}", "data.sources.2.weight=0"], env)
+    tokens = _tokens_per_source(proc.stderr)
+    assert set(tokens) == {"fineweb-edu", "cosmopedia-v2", "finemath"} and all(tokens.values())
+
+
+def _python_files_as_parquet(directory, columns_per_file):
+    """Real text (the standard library's sources, ~1 MB) in parquet files whose other columns differ."""
+    from data.sources import stdlib_files
+
+    texts = [open(f, encoding="utf-8", errors="replace").read() for f in stdlib_files()[:200]]
+    directory.mkdir()
+    n = len(columns_per_file)
+    for i, columns in enumerate(columns_per_file):
+        part = texts[i::n]
+        table = {name: [f"{name}-{j}" for j in range(len(part))] for name in columns}
+        pq.write_table(pa.table({**({"text": part} if "no-text" not in columns else {"body": part}), **table}),
+                       directory / f"part-{i}.parquet")
+
+
+def test_files_defaults_fit_the_default_model_and_other_columns_may_differ(tmp_path, env):
+    _python_files_as_parquet(tmp_path / "corpus", [["id"], ["url", "dump"], []])
+    out = tmp_path / "run"
+    fast = [o for o in FAST if not o.startswith("data.seq_len")]  # the files group's own sequence length
+    run_train([f"trainer.output_dir={out}", "data=files", f"data.sources.0.path={tmp_path / 'corpus'}/*.parquet",
+               *fast, "trainer.max_steps=2"], env)
+    assert [m["step"] for m in metrics(out) if "loss" in m] == [1, 2]
+
+
+def test_files_lacking_the_text_column_are_named(tmp_path, env):
+    _python_files_as_parquet(tmp_path / "corpus", [["id"], ["no-text"], []])
+    proc = run_train([f"trainer.output_dir={tmp_path / 'run'}", "data=files",
+                      f"data.sources.0.path={tmp_path / 'corpus'}/*.parquet", *FAST, "trainer.max_steps=2"],
+                     env, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (f"error: source 'files': the files have different columns: 1 of 3 lack column 'text' "
+            f"({tmp_path / 'corpus' / 'part-1.parquet'}: columns ['body', 'no-text']") in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_token_counts_stay_exact_when_the_world_grows(tmp_path, env):
+    """4 steps on one rank, then 2 more on two ranks with a fresh data order: the tokens per source,
+    summed over ranks, are those of 6 steps (rank 1 has no saved state; it must not count rank 0's)."""
+    out = tmp_path / "run"
+    run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=4"], env)
+    proc = run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=6", "trainer.resume=auto",
+                      "data.allow_new_order=true"], env, nproc=2)
+    tokens_per_step = 8 * 64  # global batch x seq_len
+    assert _tokens_per_source(proc.stderr) == {"python-stdlib": 6 * tokens_per_step}
+    assert metrics(out)[-1]["tokens"] == 6 * tokens_per_step  # what metrics.jsonl says
