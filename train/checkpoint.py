@@ -296,16 +296,14 @@ def load(directory: Path, engine, loader, topology, run_config: dict | None = No
     """Restore engine, data loader and RNG state; returns state.json. The caller has checked the
     checkpoint (`verify` / `find_resumable`): hashing it again would read every file twice."""
     state = json.loads((directory / "trainer_state" / "state.json").read_text())
-    rank_file = directory / "trainer_state" / f"rank-{topology.rank}.pt"
-    per_rank = None
-    if rank_file.is_file():
-        per_rank = torch.load(rank_file, map_location="cpu", weights_only=True)
-        data_state = per_rank["data"]
-    else:
-        # saved with fewer ranks: the data loader decides whether a fresh order is allowed
-        data_state = torch.load(directory / "trainer_state" / "rank-0.pt", weights_only=True)["data"]
+    per_rank = _rank_state(directory, topology.rank)
+    data_state, all_ranks = (per_rank or _rank_state(directory, 0))["data"], None
+    if data_state["world_size"] != topology.dp_size:
+        # another data-parallel size (allowed by data.allow_new_order): this rank carries the token
+        # counters of saved data ranks dp_rank, dp_rank + W, ... so that the run's totals stay exact
+        all_ranks = _saved_data_states(directory, data_state["world_size"], topology.dp_rank, topology.dp_size)
     try:
-        loader.load_state_dict(data_state)
+        loader.load_state_dict(data_state, all_ranks=all_ranks)
     except DataError as exc:
         # a refused resume: said in terms of the config keys that changed, when the checkpoint has its config
         changed = _changed_data_keys(directory, run_config)
@@ -322,6 +320,24 @@ def load(directory: Path, engine, loader, topology, run_config: dict | None = No
     if per_rank is not None:
         set_rng_state(per_rank["rng"])
     return state
+
+
+def _rank_state(directory: Path, rank: int) -> dict | None:
+    path = directory / "trainer_state" / f"rank-{rank}.pt"
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def _saved_data_states(directory: Path, saved_dp_size: int, dp_rank: int, dp_size: int) -> list[dict | None]:
+    """The saved data-loader states in data-rank order, loaded only where this rank takes them over (ranks
+    of other pipeline stages saved copies of the same states: the first one of each data rank is used)."""
+    wanted = [r % dp_size == dp_rank for r in range(saved_dp_size)]
+    out: list[dict | None] = [None] * saved_dp_size
+    for path in sorted((directory / "trainer_state").glob("rank-*.pt"), key=lambda p: int(p.stem.split("-")[1])):
+        data = torch.load(path, map_location="cpu", weights_only=True)["data"]
+        data_rank = data.get("rank", int(path.stem.split("-")[1]))
+        if data_rank < saved_dp_size and wanted[data_rank] and out[data_rank] is None:
+            out[data_rank] = data
+    return out
 
 
 # what the data order depends on (the loader's fingerprint and layout)

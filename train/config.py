@@ -12,6 +12,7 @@ Every refusal is a `RunConfigError` naming the key and the fix, raised before an
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -50,6 +51,9 @@ class DataSchema:
     read_batch: int = 64
     allow_new_order: bool = False
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # data=smollm: where local copies in the hub's layout are (interpolated into its sources' data_dir)
+    smollm_corpus_dir: Optional[str] = None  # HuggingFaceTB/smollm-corpus
+    finemath_dir: Optional[str] = None  # HuggingFaceTB/finemath
 
     def __post_init__(self):
         require(self.seq_len >= 1, "data.seq_len", self.seq_len, "must be >= 1 (tokens per row)")
@@ -280,7 +284,8 @@ def validate(values: dict) -> RunConfig:
         merged = OmegaConf.merge(OmegaConf.structured(RunSchema), values)
         schema: RunSchema = OmegaConf.to_object(merged)
     except MissingMandatoryValue as exc:
-        key = getattr(exc, "full_key", None) or str(exc)
+        # OmegaConf says data.sources[0].path; the override Hydra accepts is data.sources.0.path
+        key = re.sub(r"\[(\d+)\]", r".\1", getattr(exc, "full_key", None) or str(exc))
         raise RunConfigError(f"{key} must be set (the chosen config leaves it open: ???); add {key}=... to the "
                              f"command") from None
     except (ConfigKeyError, ValidationError) as exc:

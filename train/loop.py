@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import models
-from data import DataError, HeldOut, TokenLoader, build_tokenizer, check_vocab, eval_batches
+from data import DataError, HeldOut, TokenLoader, build_tokenizer, check_vocab, eval_batches, merge_counters
 
 from . import checkpoint
 from .config import RunConfig, RunConfigError, data_config
@@ -290,6 +290,7 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
                     record.update(_expert_load(result.expert_counts))
                     if evaluate_now or step == max_steps:  # per-expert shares: big lines, so only now and then
                         record["expert_load"] = expert_shares(result.expert_counts)
+                record.update(_data_counters(loader, topology))
                 if evaluate_now:
                     record.update(evaluate())
                 metrics.log(step, record)
@@ -359,6 +360,17 @@ def _score_checkpoint(path: Path, run: RunConfig, topology: Topology, metrics: M
         except Exception as exc:  # the checkpoint is saved; scoring it is a bonus
             logger.warning("trainer.eval_tasks: scoring %s failed (%s: %s)", path, type(exc).__name__, exc)
     topology.barrier()
+
+
+def _data_counters(loader, topology: Topology) -> dict:
+    """Per source, over all data-parallel ranks: tokens trained, documents read, documents skipped
+    (empty, held out, failed fetch) and epochs, as `data/<source>/<field>` metrics."""
+    counters = loader.counters()
+    if topology.dp_size > 1:
+        gathered = [None] * topology.dp_size
+        torch.distributed.all_gather_object(gathered, counters, group=topology.dp_group)
+        counters = merge_counters(gathered)
+    return {f"data/{source}/{field}": value for source, fields in counters.items() for field, value in fields.items()}
 
 
 def _expert_load(counts: torch.Tensor) -> dict:

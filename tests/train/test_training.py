@@ -27,6 +27,9 @@ def test_quickstart_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path, e
     for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "mfu"):
         assert key in records[-1]
     assert "eval_loss" in records[-1] and "eval_ppl" in records[-1]
+    # the data counters: every trained token of the source, and the held-out documents it skipped
+    assert records[-1]["data/python-stdlib/tokens"] == records[-1]["tokens"]
+    assert records[-1]["data/python-stdlib/skipped_heldout"] > 0 and records[-1]["data/python-stdlib/documents"] > 0
     final = out / "checkpoints" / "step-60"
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-60"
     assert str(final.resolve()) in proc.stderr  # says where
