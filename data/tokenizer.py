@@ -50,6 +50,17 @@ class TextTokenizer:
     fingerprint: str = field(default="")
 
     @property
+    def pad_id(self) -> int | None:
+        """The padding token's id, when the tokenizer has one."""
+        if self.hf_tokenizer is not None:
+            return self.hf_tokenizer.pad_token_id
+        return self.backend.token_to_id(PAD_TOKEN)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.hf_tokenizer.bos_token_id if self.hf_tokenizer is not None else None
+
+    @property
     def vocab_size(self) -> int:
         """Number of token ids in use (base vocabulary plus added tokens): the model must cover it."""
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -65,6 +76,8 @@ class TextTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.hf_tokenizer is not None:
+            # a decoder-only model generates after the prompt: batched prompts are padded on the left
+            self.hf_tokenizer.padding_side = "left"
             self.hf_tokenizer.save_pretrained(str(directory))
             return
         self.backend.save(str(directory / "tokenizer.json"))
@@ -75,6 +88,7 @@ class TextTokenizer:
             "bos_token": None,
             "unk_token": None,
             "model_max_length": 1_000_000_000,
+            "padding_side": "left",  # a decoder-only model generates after the prompt
             "clean_up_tokenization_spaces": False,
         }
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _OUR_WEIGHT_FILES = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
@@ -218,4 +219,21 @@ def save_model_dir(
         if _OUR_WEIGHT_FILES.match(old.name) and old.name not in written:
             old.unlink()
     _atomic_write_bytes(directory / CONFIG_NAME, config.to_json_string(dtype=dtype_name).encode())
+    generation = generation_config(config)
+    if generation:
+        _atomic_write_bytes(directory / GENERATION_CONFIG_NAME, (json.dumps(generation, indent=2) + "\n").encode())
+    else:
+        (directory / GENERATION_CONFIG_NAME).unlink(missing_ok=True)  # a stale one would stop generation wrongly
     return directory
+
+
+def generation_config(config: "ModelConfig") -> dict:
+    """generation_config.json: the token ids transformers' generate() stops and pads with (padding falls
+    back to EOS when the model has no pad token)."""
+    ids = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if ids["eos_token_id"] is None:
+        return {}
+    if ids["pad_token_id"] is None:
+        eos = ids["eos_token_id"]
+        ids["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
+    return {k: v for k, v in ids.items() if v is not None}

@@ -124,9 +124,9 @@ class DogeConfig(ModelConfig):
         if out["head_dim"] is None:
             del out["head_dim"]  # transformers reads a present head_dim even when null
         if self.is_moe:
-            # Ask transformers to compute (and add) the router aux loss, so a loss computed there
-            # matches ours.
-            out["output_router_logits"] = True
+            # output_router_logits stays as configured (false by default): the exported model is ready
+            # for inference (transformers' batched generate() with padding fails in its load-balancing
+            # loss otherwise); pass output_router_logits=True to transformers to get the aux loss.
             if self.router_layout == "per_token":
                 warnings.warn(
                     "exporting a Doge MoE with router_layout='per_token': transformers routes with its own "

@@ -94,7 +94,6 @@ class JetMoeConfig(ModelConfig):
     def to_hf_dict(self, dtype: str | None = None) -> dict:
         out = super().to_hf_dict(dtype)
         out["num_attention_heads"] = self.num_attention_heads
-        out["output_router_logits"] = True  # so a loss computed in transformers includes the aux loss too
         return out
 
 

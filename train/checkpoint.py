@@ -240,7 +240,7 @@ def save(output_dir: Path, step: int, engine, model_config, tokenizer, loader, t
     topology.barrier()
     weights = engine.export_state_dict()  # collective under ZeRO-3, pipeline and expert parallelism
     if topology.is_main:
-        save_model_dir(_StateView(weights, engine.module), model_config, tmp)
+        save_model_dir(_StateView(weights, engine.module), with_token_ids(model_config, tokenizer), tmp)
         tokenizer.save(tmp)
     engine.save(tmp / "trainer_state")
     torch.save({"data": loader.state_dict(), "rng": rng_state()}, tmp / "trainer_state" / f"rank-{topology.rank}.pt")
@@ -264,6 +264,20 @@ def save(output_dir: Path, step: int, engine, model_config, tokenizer, loader, t
         logger.info("checkpoint saved: %s", final)
     topology.barrier()
     return final
+
+
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def with_token_ids(config, tokenizer):
+    """The model config as a checkpoint exports it: with the special token ids of the tokenizer it was
+    trained with, so that transformers' generate() stops at EOS and pads batched prompts (config.json
+    and generation_config.json). A pad id only changes the embedding's padding row, which the training
+    data never contains, so the exported model computes what was trained."""
+    pad = tokenizer.pad_id
+    changes = {"eos_token_id": tokenizer.eos_id, "bos_token_id": tokenizer.bos_id,
+               "pad_token_id": pad if pad is not None and pad != tokenizer.eos_id and pad < config.vocab_size else None}
+    return config.replace(**{k: v for k, v in changes.items() if hasattr(config, k)})
 
 
 class _StateView:

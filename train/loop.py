@@ -164,7 +164,7 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
         # The checkpoint's config.json is the architecture (it may differ from the model group, e.g.
         # after upcycling a dense model into a mixture of experts).
         model = models.from_pretrained(resume_from, **runtime)
-        if model.config.to_hf_dict() != run.model.to_hf_dict():
+        if _architecture(model.config) != _architecture(run.model):
             logger.info("model architecture taken from %s/config.json (it differs from the model group)", resume_from)
     elif run.init_from:
         model = models.from_pretrained(run.init_from, **runtime)
@@ -325,6 +325,11 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
                         last_checkpoint.resolve())
     return {"step": step, "losses": losses, "checkpoint": last_checkpoint, "start_step": start_step,
             "stopped": stopped}
+
+
+def _architecture(config) -> dict:
+    """A model config without its token ids (checkpoints carry the tokenizer's; presets may not)."""
+    return {k: v for k, v in config.to_hf_dict().items() if k not in checkpoint.TOKEN_ID_FIELDS}
 
 
 def _check_eval_tasks(run: RunConfig, topology: Topology) -> None:

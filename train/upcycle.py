@@ -52,8 +52,11 @@ class UpcycleError(ValueError):
 def upcycled_config(dense: DogeConfig, num_experts: int, top_k: int, router_layout: str) -> DogeConfig:
     if dense.is_moe:
         raise UpcycleError("the source model is already a mixture of experts (is_moe: true); upcycle a dense Doge")
+    if num_experts < 1:
+        raise UpcycleError(f"--num-experts {num_experts} must be a positive perfect square (K = sqrt(E) sub-keys), "
+                           f"e.g. 16, 64, 1024")
     keys = math.isqrt(num_experts)
-    if num_experts < 1 or keys * keys != num_experts:
+    if keys * keys != num_experts:
         raise UpcycleError(
             f"--num-experts {num_experts} must be a perfect square (product-key routing uses K = sqrt(E) sub-keys); "
             f"e.g. {keys * keys} or {(keys + 1) ** 2}"

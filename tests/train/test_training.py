@@ -192,3 +192,31 @@ def test_options_train_the_same_run(tmp_path, cache_dir, monkeypatch, option, to
     plain = train(validate(compose([*FAST, "trainer.max_steps=3", f"trainer.output_dir={tmp_path / 'a'}"])))
     other = train(validate(compose([*FAST, "trainer.max_steps=3", f"trainer.output_dir={tmp_path / 'b'}", option])))
     assert max(abs(a - b) for a, b in zip(plain["losses"], other["losses"])) <= tolerance
+
+
+def test_sigterm_while_setting_up_stops_the_run_and_writes_nothing(tmp_path, env):
+    """A signal during set-up (here: while the BPE tokenizer trains on a cold cache) stops the run at once
+    with the stopped status; nothing of the run is written."""
+    out = tmp_path / "run"
+    env = {**env, "SMOLPRETRAIN_CACHE": str(tmp_path / "cold-cache")}
+    cmd = [sys.executable, "-m", "train", f"trainer.output_dir={out}", *FAST, "data.tokenizer.train_bytes=20000000"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # wait until it is inside the set-up
+        lines.append(line)
+        if "training a byte-level BPE" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    start = time.time()
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert time.time() - start < 30
+    assert proc.returncode == 75, "".join(lines) + rest
+    assert "SIGTERM received while setting up; stopped before the first step" in rest
+    assert "Traceback" not in rest and not out.exists()
+
+
+def test_deepspeed_in_one_process_without_a_launcher(tmp_path, env):
+    run_train([f"trainer.output_dir={tmp_path}", *FAST, "trainer.max_steps=2", "parallel=zero2"], env)
+    assert sorted(losses(tmp_path)) == [1, 2]
+    assert (tmp_path / "checkpoints" / "step-2" / "trainer_state" / "deepspeed").is_dir()

@@ -78,14 +78,15 @@ def test_random_init_reports_the_difference(dense_dir, tmp_path, capsys):
     assert difference > 0
 
 
-@pytest.mark.parametrize("problem", ["not-doge", "already-moe", "not-square", "k-too-large", "k-zero", "dst-taken",
-                                     "corrupt", "missing"])
+@pytest.mark.parametrize("problem", ["not-doge", "already-moe", "not-square", "negative", "k-too-large", "k-zero",
+                                     "dst-taken", "corrupt", "missing"])
 def test_bad_input_gives_its_error_and_leaves_dst_untouched(problem, dense_dir, tmp_path, capsys):
     src, dst = dense_dir, tmp_path / "dst"
     args = ["--num-experts", "16", "--experts-per-token", "4"]
     expected = {
         "not-doge": "upcycling needs a Doge model", "already-moe": "already a mixture of experts",
         "not-square": "must be a perfect square", "k-too-large": "--experts-per-token 17",
+        "negative": "--num-experts -16 must be a positive perfect square",
         "k-zero": "--experts-per-token 0", "dst-taken": "exists and is not empty",
         "corrupt": "not a readable safetensors file", "missing": "no such directory",
     }[problem]
@@ -100,6 +101,8 @@ def test_bad_input_gives_its_error_and_leaves_dst_untouched(problem, dense_dir, 
             models.build({**TINY, "is_moe": True, "num_experts": 16, "num_experts_per_tok": 2}).save_pretrained(src)
     elif problem == "not-square":
         args = ["--num-experts", "15", "--experts-per-token", "4"]
+    elif problem == "negative":
+        args = ["--num-experts", "-16", "--experts-per-token", "4"]
     elif problem == "k-too-large":
         args = ["--num-experts", "16", "--experts-per-token", "17"]
     elif problem == "k-zero":
@@ -189,3 +192,17 @@ def test_staged_schedule_trains_only_the_new_experts_first(tmp_path, env):
                "scheduler.decay=0", f"trainer.resume={tmp_path / 'moe-start'}", "optim.new_params_only_steps=3"], env)
     later = models.from_pretrained(tmp_path / "moe" / "checkpoints" / "step-15").state_dict()
     assert not torch.equal(start["model.layers.0.mlp.gate_proj.weight"], later["model.layers.0.mlp.gate_proj.weight"])
+
+
+def test_cli_refuses_a_negative_expert_count(dense_dir, tmp_path, env):
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "train.upcycle", str(dense_dir), str(tmp_path / "dst"), "--num-experts",
+                           "-16", "--experts-per-token", "4"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: --num-experts -16 must be a positive perfect square" in proc.stderr
+    assert not (tmp_path / "dst").exists()
