@@ -72,6 +72,16 @@ class DecoderLayer(nn.Module):
         raise NotImplementedError
 
 
+def embed_inputs(embed_tokens: nn.Embedding, router_shape: tuple[int, int] | None, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+    """Token embeddings and the other inputs of the first decoder layer (position ids, segment ids, an
+    empty router-statistics tensor for MoE models): (hidden, position_ids, segment_ids, router_stats)."""
+    position_ids, segment_ids = layer_inputs(input_ids, attention_mask, position_ids)
+    hidden = embed_tokens(input_ids)
+    router_stats = None if router_shape is None else new_router_stats(*router_shape, device=hidden.device)
+    return hidden, position_ids, segment_ids, router_stats
+
+
 class DecoderModel(nn.Module):
     """The container of transformers' `model.*` keys: embed_tokens, layers (by global index), norm.
     `CausalLM` runs them; any of them may be absent on a pipeline stage."""
@@ -122,11 +132,7 @@ class CausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               position_ids: torch.Tensor | None = None):
         """The first layer's inputs: (hidden, position_ids, segment_ids, router_stats)."""
-        position_ids, segment_ids = layer_inputs(input_ids, attention_mask, position_ids)
-        hidden = self.model.embed_tokens(input_ids)
-        shape = self.router_stats_shape()
-        router_stats = None if shape is None else new_router_stats(*shape, device=hidden.device)
-        return hidden, position_ids, segment_ids, router_stats
+        return embed_inputs(self.model.embed_tokens, self.router_stats_shape(), input_ids, attention_mask, position_ids)
 
     def decoder(self, hidden, position_ids, segment_ids=None, router_stats=None):
         """The layers this module holds, in order of their global index."""
@@ -138,7 +144,13 @@ class CausalLM(nn.Module):
              shift_labels: torch.Tensor | None = None, num_items_in_batch=None, aux_weight: float = 1.0
              ) -> CausalLMOutput:
         """Final norm, logits, and (with labels) the objective of `models.loss`."""
-        logits = self.lm_head(self.model.norm(hidden))
+        return self.output(self.model.norm(hidden), router_stats, shift_labels, num_items_in_batch, aux_weight)
+
+    def output(self, normed: torch.Tensor, router_stats: torch.Tensor | None = None,
+               shift_labels: torch.Tensor | None = None, num_items_in_batch=None, aux_weight: float = 1.0
+               ) -> CausalLMOutput:
+        """The head after the final norm: logits, aux loss, and with labels the objective."""
+        logits = self.lm_head(normed)
         aux = None if router_stats is None else self.aux_loss(router_stats)
         counts = None if router_stats is None else expert_counts(router_stats).detach()
         loss = cross_entropy = None

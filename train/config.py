@@ -127,7 +127,9 @@ class ParallelSchema:
     offload_param: bool = False
     # Pipeline parallelism (DeepSpeed): the world is pipeline_stages x data-parallel replicas.
     pipeline_stages: int = 1
-    pipeline_partition: str = "parameters"  # parameters | uniform | layers
+    # how layers are cut into stages (DeepSpeed's methods): layers (as many decoder layers per stage),
+    # parameters (as many parameters), uniform (as many pipeline items, embedding and head included)
+    pipeline_partition: str = "layers"
     # Expert parallelism: MoE experts split over groups of this many ranks.
     expert_parallel: int = 1
     backend: Optional[str] = None  # torch.distributed backend; default gloo on CPU, nccl on CUDA

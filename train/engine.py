@@ -356,6 +356,11 @@ class DeepSpeedEngine(Engine):
 
 
 def build_engine(run, model: nn.Module, topology: Topology, accumulation: int):
+    if topology.pp_size > 1:
+        from .pipeline import PipelineEngine
+
+        ds_config = deepspeed_config(run.parallel, run.trainer, run.optim, accumulation)
+        return PipelineEngine(model, run, ds_config, topology, accumulation)
     if run.parallel.engine == "deepspeed":
         ds_config = deepspeed_config(run.parallel, run.trainer, run.optim, accumulation)
         return DeepSpeedEngine(model.to(topology.device), run.optim, ds_config, topology)

@@ -34,15 +34,18 @@ def category(name: str, param: torch.Tensor) -> str:
     return "weights"
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, decay_also=(), new_params=()) -> list[dict]:
+def parameter_groups(model, weight_decay: float, decay_also=(), new_params=()) -> list[dict]:
     """Decay / no-decay groups; with `new_params` (name substrings) each is split further into the
-    parameters that are new (e.g. upcycled experts) and the rest, tagged `stage: new | old`."""
+    parameters that are new (e.g. upcycled experts) and the rest, tagged `stage: new | old`.
+    `model`: a module, or (Hugging Face name, parameter) pairs when the module's own names differ
+    (a pipeline stage's)."""
     unknown = set(decay_also) - set(NO_DECAY_CATEGORIES)
     if unknown:
         raise ValueError(f"optim.decay_also has {sorted(unknown)}; choose from {list(NO_DECAY_CATEGORIES)}")
     groups: dict[tuple[bool, str], list] = {}
     seen = set()
-    for name, param in model.named_parameters():
+    named = model.named_parameters() if isinstance(model, nn.Module) else model
+    for name, param in named:
         if not param.requires_grad or id(param) in seen:
             continue  # a tied parameter appears once
         seen.add(id(param))
@@ -56,8 +59,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_also=(), new_p
     ]
 
 
-def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
-    """cfg: an OptimSchema."""
+def build_optimizer(model, cfg, device_type: str) -> torch.optim.Optimizer:
+    """cfg: an OptimSchema; model: as in `parameter_groups`."""
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
     new = cfg.new_params if cfg.new_params_only_steps > 0 else ()
     groups = parameter_groups(model, cfg.weight_decay, cfg.decay_also, new)

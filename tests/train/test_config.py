@@ -171,3 +171,9 @@ def test_launcher_local_rank_argument_is_accepted(monkeypatch):
 
     assert os.environ["LOCAL_RANK"] == "1"
     assert strip_launcher_arguments(["--local_rank", "0", "x=1"]) == ["x=1"]
+
+
+def test_missing_source_path_names_the_override_hydra_accepts(env, tmp_path):
+    proc = run_train(["data=files", f"trainer.output_dir={tmp_path / 'out'}"], env, check=False, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "data.sources.0.path must be set" in proc.stderr and "add data.sources.0.path=... to the command" in proc.stderr

@@ -45,7 +45,7 @@ def test_quickstart_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path, e
 
 def _interrupted_then_resumed(out: Path, env: dict, overrides: list[str], nproc: int):
     killed = run_train([f"trainer.output_dir={out}", *overrides], env, nproc=nproc, check=False,
-                       module=["tests.train.kill_after_checkpoint", "4"])
+                       module=["tests.train.faults", "kill-after-checkpoint", "4"])
     assert killed.returncode != 0  # SIGKILL right after the step-4 checkpoint
     assert (out / "checkpoints" / "step-4").is_dir() and not (out / "checkpoints" / "step-8").exists()
     run_train([f"trainer.output_dir={out}", "trainer.resume=auto", *overrides], env, nproc=nproc)

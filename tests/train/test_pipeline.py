@@ -1,0 +1,172 @@
+"""Pipeline parallelism (DeepSpeed's PipelineEngine, 2 stages on 2 gloo processes) against a single
+process on the same global batch, through `torchrun -m train`: every architecture's tiny preset with
+document masking, the MoE aux loss across stages, tied embeddings, held-out evaluation, resume across
+layouts and after SIGKILL, non-finite steps, SIGTERM, and the up-front refusals."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from train.config import RunConfigError, validate
+
+from .conftest import FAST, REPO, compose, losses, metrics, run_train
+
+STEPS = 10
+# 4 micro-batches of 2 rows per step, document masking on, held-out evaluation twice
+COMMON = [*FAST, f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", "data.document_masking=true",
+          "trainer.eval_every=5", "trainer.save_every=5", "scheduler.warmup=2"]
+PIPE = ["parallel=zero1", "parallel.pipeline_stages=2"]
+TOLERANCE = 2e-5
+
+
+def _compare(single, piped, keys=("loss", "aux_loss", "eval_loss"), tolerance=TOLERANCE):
+    a = {r["step"]: r for r in metrics(single)}
+    b = {r["step"]: r for r in metrics(piped)}
+    assert sorted(a) == sorted(b)
+    for step in a:
+        for key in keys:
+            if key in a[step] or key in b[step]:
+                assert abs(a[step][key] - b[step][key]) <= tolerance, (step, key, a[step][key], b[step][key])
+
+
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory, cache_dir):
+    """doge-tiny-moe (tied embeddings, router statistics across stages) in one process and in 2 stages."""
+    import os
+
+    env = {**os.environ, "SMOLPRETRAIN_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "DS_ACCELERATOR": "cpu", "PYTHONFAULTHANDLER": "1"}
+    root = tmp_path_factory.mktemp("pipeline-moe")
+    run_train([*COMMON, "model=doge-tiny-moe", f"trainer.output_dir={root / 'single'}"], env)
+    run_train([*COMMON, *PIPE, "model=doge-tiny-moe", f"trainer.output_dir={root / 'piped'}"], env, nproc=2)
+    return root
+
+
+def test_moe_pipeline_equals_one_process(moe_runs):
+    _compare(moe_runs / "single", moe_runs / "piped")
+    last = metrics(moe_runs / "piped")[-1]
+    assert last["expert_load_max"] == pytest.approx(metrics(moe_runs / "single")[-1]["expert_load_max"], abs=1e-6)
+    assert len(last["expert_load"]) == 2  # both layers' routers, from both stages
+    assert losses(moe_runs / "piped")[STEPS] < losses(moe_runs / "piped")[1]
+
+
+def test_pipeline_checkpoint_is_one_hugging_face_directory(moe_runs):
+    import models
+
+    single = models.from_pretrained(moe_runs / "single" / "checkpoints" / f"step-{STEPS}")
+    piped = models.from_pretrained(moe_runs / "piped" / "checkpoints" / f"step-{STEPS}")
+    for (name, a), (_, b) in zip(single.state_dict().items(), piped.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    saved = torch.load(moe_runs / "piped" / "checkpoints" / f"step-{STEPS}" / "trainer_state" / "optimizer.pt",
+                       weights_only=True)
+    assert saved["format"] == "adamw-by-name" and set(saved["state"]) == {n for n, _ in single.named_parameters()}
+
+
+@pytest.mark.parametrize("preset", ["doge-tiny", "glm4-tiny", "jetmoe-tiny"])
+def test_every_architecture_in_two_stages_equals_one_process(preset, tmp_path, env):
+    overrides = [*COMMON, f"model={preset}", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.save_every=0"]
+    run_train([*overrides, f"trainer.output_dir={tmp_path / 'single'}"], env)
+    run_train([*overrides, *PIPE, f"trainer.output_dir={tmp_path / 'piped'}"], env, nproc=2)
+    _compare(tmp_path / "single", tmp_path / "piped")
+    if preset == "glm4-tiny":  # untied: the head lives on the last stage only; transformers loads the result
+        transformers = pytest.importorskip("transformers")
+        transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "piped" / "checkpoints" / "step-6"))
+
+
+@pytest.mark.parametrize("direction", ["2->1", "1->2"])
+def test_resume_across_pipeline_layouts(direction, moe_runs, tmp_path, env):
+    source, resumed_layout = ("piped", []) if direction == "2->1" else ("single", PIPE)
+    out = tmp_path / "resumed"
+    run_train([*COMMON, *resumed_layout, "model=doge-tiny-moe", f"trainer.output_dir={out}", "trainer.max_steps=7",
+               f"trainer.resume={moe_runs / source / 'checkpoints' / 'step-5'}"], env,
+              nproc=2 if resumed_layout else 1)
+    reference = losses(moe_runs / source)
+    resumed = losses(out)
+    assert sorted(resumed) == [6, 7]
+    for step in (6, 7):
+        assert abs(resumed[step] - reference[step]) <= 1e-6, (step, resumed[step], reference[step])
+
+
+def test_pipeline_resumes_exactly_after_sigkill(moe_runs, tmp_path, env):
+    out = tmp_path / "killed"
+    killed = run_train([*COMMON, *PIPE, "model=doge-tiny-moe", f"trainer.output_dir={out}"], env, nproc=2,
+                       check=False, module=["tests.train.faults", "kill-after-checkpoint", "5"])
+    assert killed.returncode != 0 and (out / "checkpoints" / "step-5").is_dir()
+    run_train([*COMMON, *PIPE, "model=doge-tiny-moe", f"trainer.output_dir={out}", "trainer.resume=auto"], env, nproc=2)
+    straight, resumed = losses(moe_runs / "piped"), losses(out)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in straight:
+        assert abs(straight[step] - resumed[step]) <= 1e-6, step
+
+
+def test_non_finite_steps_are_neutralised_then_stop_the_run(tmp_path, env):
+    out = tmp_path / "nan"
+    # 4 micro-batches per step: cross-entropies after the 12th (steps 4+) are NaN
+    proc = run_train([*COMMON, *PIPE, "model=doge-tiny", f"trainer.output_dir={out}", "trainer.eval_every=0",
+                      "trainer.save_every=2", "trainer.max_bad_steps=2", "trainer.max_steps=20"], env, nproc=2,
+                     check=False, module=["tests.train.faults", "nan-after", "12"])
+    assert "2 non-finite steps in a row (last at step 5)" in proc.stderr
+    records = {r["step"]: r for r in metrics(out)}
+    assert [records[s]["skipped_steps"] for s in (3, 4, 5)] == [0, 1, 2]
+    import models
+
+    saved = models.from_pretrained(out / "checkpoints" / "step-4")  # saved after a neutralised step: intact
+    before = models.from_pretrained(out / "checkpoints" / "step-2")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(saved.parameters(), before.parameters()))  # step 3 trained
+
+
+def test_sigterm_saves_and_stops_a_pipeline_run(tmp_path, env):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
+           *COMMON, *PIPE, "model=doge-tiny", f"trainer.output_dir={out}", "trainer.max_steps=100000",
+           "trainer.eval_every=0"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    _, stderr = proc.communicate(timeout=180)
+    last = max(losses(out))
+    assert (out / "checkpoints" / f"step-{last}" / "MANIFEST.json").is_file(), stderr[-3000:]
+    assert f"stopped on request at step {last}" in stderr
+
+
+def test_bf16_with_activation_checkpointing_trains_in_two_stages(tmp_path, env):
+    overrides = [*FAST, "model=doge-tiny", "trainer.max_steps=2", "trainer.micro_batch_size=4"]
+    run_train([*overrides, f"trainer.output_dir={tmp_path / 'fp32'}"], env)
+    run_train([*overrides, *PIPE, "trainer.precision=bf16", "trainer.activation_checkpointing=true",
+               f"trainer.output_dir={tmp_path / 'bf16'}"], env, nproc=2)
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert sorted(bf16) == [1, 2] and all(abs(fp32[s] - bf16[s]) < 0.05 for s in (1, 2))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel=zero2", "parallel.pipeline_stages=2"], r"supports ZeRO stages 0 and 1 only; use parallel=zero1"),
+    (["parallel=zero3", "parallel.pipeline_stages=2"], r"supports ZeRO stages 0 and 1 only"),
+    (["parallel.pipeline_stages=2"], r"runs on DeepSpeed's pipeline engine: add parallel=zero1"),
+    (["parallel=zero1", "parallel.pipeline_stages=3"], r"pipeline_stages=3 is more than the model's 2 decoder layers"),
+    (["parallel.engine=deepspeed", "parallel.pipeline_stages=2", "trainer.precision=bf16"],
+     r"bf16 and ZeRO stage 0: DeepSpeed 0.19.8 cannot load the checkpoints .* use parallel=zero1"),
+])
+def test_layouts_that_cannot_work_are_refused_up_front(overrides, message):
+    with pytest.raises(RunConfigError, match=message):
+        validate(compose(overrides))
+
+
+def test_refusals_through_the_door_write_nothing(tmp_path, env):
+    proc = run_train([*FAST, "parallel=zero1", "parallel.pipeline_stages=2", "trainer.global_batch_size=6",
+                      f"trainer.output_dir={tmp_path / 'run'}"], env, nproc=2, check=False)
+    assert "trainer.global_batch_size=6 is not a multiple of micro_batch_size x data-parallel replicas = 4 x 1" \
+        in proc.stderr
+    assert not (tmp_path / "run").exists()
+    proc = run_train([*FAST, "parallel=zero1", "parallel.pipeline_stages=2", f"trainer.output_dir={tmp_path / 'one'}"],
+                     env, check=False)
+    assert proc.returncode == 2 and "parallel.pipeline_stages=2 does not divide the world of 1 processes" in proc.stderr
+    assert not (tmp_path / "one").exists()
