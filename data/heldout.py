@@ -47,7 +47,9 @@ def eval_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """The held-out batches of this rank: the held-out documents packed in order, rows dealt out
     to ranks round-robin, at most `eval.max_batches` batches per rank (evenly spaced over the held-out
-    documents). The same every time."""
+    documents). The same every time. Every rank gets as many rows, in batches of the same sizes (the last
+    num_rows mod world_size rows are left out): layouts whose forward pass is collective (expert
+    parallelism) need every rank to run the same evaluation steps."""
     width = cfg.seq_len + 1
     tokens, starts = [], []
     encoded = tokenizer.encode_batch([d for _, d in heldout.documents if isinstance(d, str)])
@@ -66,7 +68,7 @@ def eval_batches(
             f"the evaluation stream has {num_rows} rows of {cfg.seq_len} tokens for {world_size} ranks: hold out more "
             f"documents (data.eval.holdout_documents) or evaluate on fewer ranks"
         )
-    mine = np.arange(rank, num_rows, world_size)
+    mine = np.arange(rank, num_rows - num_rows % world_size, world_size)
     limit = cfg.eval.max_batches * cfg.batch_size
     if len(mine) > limit:  # spread over all held-out documents rather than the first few
         mine = mine[np.linspace(0, len(mine) - 1, limit).round().astype(int)]

@@ -13,7 +13,7 @@ CDMoE is the dense SwiGLU MLP (the shared expert) plus many rank-1 experts: expe
 scores K sub-keys twice (K = √E), and expert a·K + b scores s_x[a] + s_y[b].
 
 Matches transformers 5.23's DogeForCausalLM (config.json, key names, logits), with two deliberate
-improvements, both documented in ../shared/spec/models.md §1.5:
+improvements (README, "Where we differ from transformers, on purpose"):
   * `router_layout="per_token"` (our default) splits each token's own router logits into its two
     halves. transformers reshapes the whole batch's logits with `view(2, N, K)`, so token i is routed with
     other tokens' logits (future tokens, other batch rows): not causal. `router_layout="transformers"`
@@ -36,7 +36,7 @@ from .attention import VisibilityMask, attention, split_heads
 from .base import CausalLM, DecoderLayer
 from .configuration import ModelConfig
 from .layers import GatedMLP, RMSNorm, RotaryEmbedding, activation, apply_rope_half
-from .moe import RouterStats, count_picks, load_balancing_loss
+from .moe import RankOneExperts, RouterStats, count_picks, load_balancing_loss
 
 ROUTER_LAYOUTS = ("per_token", "transformers")
 
@@ -223,10 +223,10 @@ class CrossDomainMoE(GatedMLP):
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.router_layout = config.router_layout
-        self.expert_act = activation(config.hidden_act)
         self.router_gate = nn.Linear(config.hidden_size, 2 * self.num_keys, bias=False)
         self.down_embed = nn.Embedding(config.num_experts, config.hidden_size)
         self.up_embed = nn.Embedding(config.num_experts, config.hidden_size)
+        self.experts = RankOneExperts(activation(config.hidden_act))
 
     def router_scores(self, h: torch.Tensor):
         """Sub-key scores (s_x, s_y), each (N, K), for h of shape (N, D)."""
@@ -247,11 +247,7 @@ class CrossDomainMoE(GatedMLP):
             weights = weights / weights.sum(dim=-1, keepdim=True)
 
         # Rank-1 experts: gate_e = act(<down_embed[e], h>) * w_e, output Σ_e gate_e · up_embed[e].
-        # embedding_bag sums the up-embeddings without materialising an (N, k, D) tensor.
-        gates = self.expert_act(torch.einsum("nkd,nd->nk", self.down_embed(experts), h)) * weights
-        routed = F.embedding_bag(
-            experts, self.up_embed.weight, per_sample_weights=gates.to(self.up_embed.weight.dtype), mode="sum"
-        )
+        routed = self.experts(h, experts, weights, self.down_embed.weight, self.up_embed.weight)
         out = super().forward(x) + routed.view(B, S, D).to(x.dtype)
         return out, self.router_stats(scores_x, scores_y, experts, token_mask)
 

@@ -8,8 +8,7 @@ Attention has q/k/v biases (o_proj none) and rotates only part of each head: the
 `head_dim * partial_rotary_factor` dims (half by default), in adjacent pairs (2i, 2i+1) rather than
 NeoX halves. The MLP is SwiGLU with gate and up fused in one matrix.
 
-Matches transformers 5.23's Glm4ForCausalLM (config.json, key names, logits); see
-../shared/spec/models.md §2.
+Matches transformers 5.23's Glm4ForCausalLM (config.json, key names, logits; tests/models/test_glm4.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ host never waits for the device (transformers reads the group sizes back with `.
 
 Matches transformers 5.23's JetMoeForCausalLM (config.json, key names, logits, cross-entropy). One
 deliberate difference: transformers lists the MoA router twice in `router_logits`, so its aux loss
-counts that router double; ours counts every router once. See ../shared/spec/models.md §3.
+counts that router double; ours counts every router once (tests/models/test_jetmoe.py shows both).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .attention import VisibilityMask, attention, split_heads
 from .base import CausalLM, DecoderLayer
 from .configuration import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding, activation, apply_rope_half
-from .moe import ExpertDispatch, Experts, TopKRouter, load_balancing_loss, softmax_router_stats
+from .moe import ExpertDispatch, ExpertDispatcher, Experts, TopKRouter, load_balancing_loss, softmax_router_stats
 
 # transformers builds the two per-layer norms without passing eps, so they always use 1e-6;
 # only the final norm reads rms_norm_eps.
@@ -112,6 +112,7 @@ class MixtureOfAttentionExperts(nn.Module):
         self.input_linear = Experts(E, D, A)
         self.output_linear = Experts(E, A, D)
         self.bias = nn.Parameter(torch.zeros(D))
+        self.dispatcher = ExpertDispatcher()
 
 
 class JetMoeAttention(nn.Module):
@@ -135,7 +136,7 @@ class JetMoeAttention(nn.Module):
         plan = ExpertDispatch.plan(chosen, self.experts.num_experts)
 
         # Queries: one projection per (token, selected expert), back in (token, slot) order.
-        q_sorted = self.experts.input_linear(h[plan.token], plan)
+        q_sorted = self.experts.dispatcher(h[plan.token], plan, self.experts.input_linear)
         q = torch.empty_like(q_sorted).index_copy_(0, plan.order, q_sorted)  # (B*L*k, Hkv*hd)
         # (B, L, k, Hkv, hd) -> heads grouped under their kv head: (B, Hkv*k, L, hd)
         q = q.view(B, L, k_slots, Hkv, hd).permute(0, 3, 2, 1, 4).reshape(B, Hkv * k_slots, L, hd)
@@ -149,7 +150,7 @@ class JetMoeAttention(nn.Module):
         out = out.view(B, L, Hkv, k_slots, hd).transpose(2, 3).reshape(B * L * k_slots, Hkv * hd)
 
         # Output projections of the selected experts, gated, summed per token, one bias.
-        y = self.experts.output_linear(out[plan.order], plan) * gates.reshape(-1)[plan.order, None]
+        y = self.experts.dispatcher(out[plan.order], plan, self.experts.output_linear) * gates.reshape(-1)[plan.order, None]
         y = y.new_zeros(B * L, D).index_add_(0, plan.token, y)
         y = y.view(B, L, D) + self.experts.bias
         return y, softmax_router_stats(logits, chosen, mask.token_mask)
@@ -169,14 +170,19 @@ class JetMoeMoE(nn.Module):
         self.input_linear = Experts(E, D, 2 * I)  # [gate; up]
         self.output_linear = Experts(E, I, D)
         self.bias = nn.Parameter(torch.zeros(D))
+        self.dispatcher = ExpertDispatcher()
+
+    def expert_mlp(self, rows: torch.Tensor, group_end: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU experts on rows sorted by expert."""
+        gate, up = self.input_linear(rows, group_end).chunk(2, dim=-1)
+        return self.output_linear(self.act(gate) * up, group_end)
 
     def forward(self, x: torch.Tensor, token_mask=None):
         B, L, D = x.shape
         h = x.reshape(B * L, D)
         gates, chosen, logits = self.router(h)
         plan = ExpertDispatch.plan(chosen, self.num_experts)
-        gate, up = self.input_linear(h[plan.token], plan).chunk(2, dim=-1)
-        y = self.output_linear(self.act(gate) * up, plan) * gates.reshape(-1)[plan.order, None]
+        y = self.dispatcher(h[plan.token], plan, self.expert_mlp) * gates.reshape(-1)[plan.order, None]
         y = y.new_zeros(B * L, D).index_add_(0, plan.token, y)
         return y.view(B, L, D) + self.bias, softmax_router_stats(logits, chosen, token_mask)
 

@@ -4,7 +4,7 @@ model output and weight init. The attention core is in `models.attention`, the M
 
 Model files call these by name, so a model file reads like its paper and a numerical fix lands in one
 place. Everything here follows transformers 5.23 to the bit where that matters for checkpoint parity
-(see ../shared/spec/models.md §0); where we deliberately differ, the comment says so.
+(tests/models check it against transformers itself); where we deliberately differ, the comment says so.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 (token, slot) -> expert dispatch plan, grouped expert GEMMs, and the router statistics that make up
 the load-balancing loss.
 
-Routing, dispatch and expert compute are separate functions so that an expert-parallel engine can put
-a rank's slice of `Experts.weight` (experts are the leading dim) between dispatch and combine without
-touching model files.
+Routing, the dispatch of (token, slot) rows to experts, and the expert compute are separate siblings
+(as torchtitan keeps its token dispatcher and experts): a model calls `dispatcher(rows, plan,
+expert_fn)` and `RankOneExperts`, and expert parallelism (train/expert_parallel.py) swaps in
+dispatchers that send rows to the ranks owning a slice of the experts, without touching model files.
 
 Router statistics travel between decoder layers as one tensor, `router_stats`, of shape
 (routers, 2E + 1): row r is router r's [pick counts per expert (E) | summed router probability per
@@ -30,8 +31,8 @@ class Experts(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
 
-    def forward(self, x_sorted: torch.Tensor, dispatch: "ExpertDispatch") -> torch.Tensor:
-        return grouped_linear(x_sorted, self.weight, dispatch)
+    def forward(self, x_sorted: torch.Tensor, group_end: torch.Tensor) -> torch.Tensor:
+        return grouped_linear(x_sorted, self.weight, group_end)
 
 
 class TopKRouter(nn.Module):
@@ -97,8 +98,9 @@ def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return aligned and x.dtype == weight.dtype == torch.bfloat16
 
 
-def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, dispatch: ExpertDispatch) -> torch.Tensor:
-    """Row r of `x_sorted` (sorted by expert) times weight[expert_r]ᵀ, with no host synchronisation.
+def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, group_end: torch.Tensor) -> torch.Tensor:
+    """Row r of `x_sorted` (sorted by expert; expert e owns rows [group_end[e-1], group_end[e])) times
+    weight[expert_r]ᵀ, with no host synchronisation.
 
     Uses torch's grouped GEMM (one kernel over jagged groups, offsets stay on the device). Where that
     kernel does not apply (e.g. fp32 on CUDA), falls back to one dense matmul per expert over all rows,
@@ -109,12 +111,40 @@ def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, dispatch: Exper
     else:
         x_sorted = x_sorted.to(weight.dtype)
     if _grouped_mm_fits(x_sorted, weight):
-        return _ContiguousGrad.apply(F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=dispatch.group_end))
+        return _ContiguousGrad.apply(F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=group_end))
     out = x_sorted.new_zeros(x_sorted.shape[0], weight.shape[1])
+    expert = torch.searchsorted(group_end, torch.arange(x_sorted.shape[0], device=x_sorted.device,
+                                                        dtype=group_end.dtype), right=True)
     for e in range(weight.shape[0]):
-        mine = (dispatch.expert == e).unsqueeze(-1)
+        mine = (expert == e).unsqueeze(-1)
         out = torch.where(mine, F.linear(x_sorted, weight[e]), out)
     return out
+
+
+class ExpertDispatcher(nn.Module):
+    """Runs an expert computation on (token, slot) rows sorted by expert, here in this process:
+    `expert_fn(rows, group_end)`. Expert parallelism swaps in a dispatcher that sends each row to the
+    rank holding its expert and brings the results back in the same order (train/expert_parallel.py)."""
+
+    def forward(self, rows: torch.Tensor, plan: ExpertDispatch, expert_fn) -> torch.Tensor:
+        return expert_fn(rows, plan.group_end)
+
+
+class RankOneExperts(nn.Module):
+    """CDMoE's rank-1 experts: expert e reads <down[e], h> and writes along up[e]. For tokens h (N, D)
+    with k picked experts (N, k) and routing weights (N, k): Σ_slots act(<down[e], h>) · w · up[e].
+    embedding_bag sums the up-embeddings without materialising an (N, k, D) tensor. The tables are
+    passed in (they stay the model's parameters, with its key names); expert parallelism swaps in a
+    version that holds a slice of them on each rank (train/expert_parallel.py)."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+
+    def forward(self, h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, down: torch.Tensor,
+                up: torch.Tensor) -> torch.Tensor:
+        gates = self.act(torch.einsum("nkd,nd->nk", F.embedding(experts, down), h)) * weights
+        return F.embedding_bag(experts, up, per_sample_weights=gates.to(up.dtype), mode="sum")
 
 
 @dataclass

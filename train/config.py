@@ -321,15 +321,23 @@ def _check_across_groups(run: RunConfig) -> None:
             build_schedule(run.scheduler, run.optim.lr, t.max_steps)
         except ValueError as exc:
             raise RunConfigError(str(exc)) from None
-    if p.pipeline_stages > 1:
-        check_pipeline_layout(run)
-    if p.expert_parallel > 1:
-        check_expert_layout(run)
+    if t.resume in (None, "", "none", "null") and not run.init_from:
+        # the architecture is the model group's; a resumed or init_from run checks the checkpoint's, once
+        # it has read it (train.loop), still before any work
+        check_layout(run, run.model)
 
 
-def check_pipeline_layout(run: RunConfig) -> None:
+def check_layout(run: RunConfig, model) -> None:
+    """The parallel layout against the architecture that will train (`model`: its config)."""
+    if run.parallel.pipeline_stages > 1:
+        check_pipeline_layout(run, model)
+    if run.parallel.expert_parallel > 1:
+        check_expert_layout(run, model)
+
+
+def check_pipeline_layout(run: RunConfig, model) -> None:
     """What DeepSpeed's pipeline engine can run, refused up front with what works instead."""
-    p, layers = run.parallel, run.model.num_hidden_layers
+    p, layers = run.parallel, model.num_hidden_layers
     if p.engine != "deepspeed":
         raise RunConfigError(
             f"parallel.pipeline_stages={p.pipeline_stages} runs on DeepSpeed's pipeline engine: add parallel=zero1 "
@@ -351,9 +359,9 @@ def check_pipeline_layout(run: RunConfig) -> None:
                              "choose one of them")
 
 
-def check_expert_layout(run: RunConfig) -> None:
+def check_expert_layout(run: RunConfig, model) -> None:
     """What expert parallelism can run, refused up front with what works instead."""
-    p, m = run.parallel, run.model
+    p, m = run.parallel, model
     experts = getattr(m, "num_local_experts", None) if m.model_type == "jetmoe" else (
         m.num_experts if getattr(m, "is_moe", False) else None)
     if experts is None:

@@ -35,6 +35,8 @@ class Topology:
     pp_size: int = 1
     ep_size: int = 1
     dp_group: object = field(default=None, compare=False, repr=False)  # None: the whole world
+    ep_group: object = field(default=None, compare=False, repr=False)  # ranks sharing one set of experts
+    edp_group: object = field(default=None, compare=False, repr=False)  # ranks holding the same expert slice
 
     # ------------------------------------------------------------------ coordinates
     @property
@@ -129,16 +131,26 @@ def setup(device: str = "auto", backend: str | None = None, pipeline_stages: int
         dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"), rank=rank, world_size=world_size,
                                 device_id=dev if dev.type == "cuda" else None)
     topology = Topology(rank, local_rank, world_size, dev, pp_size=pipeline_stages, ep_size=expert_parallel)
-    dp_group = None
+    # every rank takes part in creating every group, in the same order (torch.distributed requires it)
+    dp_group = ep_group = edp_group = None
     if pipeline_stages > 1 and topology.dp_size > 1:
-        # every rank takes part in creating every group (torch.distributed requires it)
         for stage in range(pipeline_stages):
-            ranks = list(range(stage * topology.dp_size, (stage + 1) * topology.dp_size))
-            group = dist.new_group(ranks)
+            group = dist.new_group(list(range(stage * topology.dp_size, (stage + 1) * topology.dp_size)))
             if stage == topology.pp_stage:
                 dp_group = group
+    if expert_parallel > 1:
+        # DeepSpeed's layout (deepspeed.utils.groups): expert-parallel groups of consecutive ranks, and the
+        # ranks holding the same slice of the experts, one per expert-parallel group
+        for first in range(0, world_size, expert_parallel):
+            group = dist.new_group(list(range(first, first + expert_parallel)))
+            if first <= rank < first + expert_parallel:
+                ep_group = group
+        for slice_index in range(expert_parallel):
+            group = dist.new_group(list(range(slice_index, world_size, expert_parallel)))
+            if rank % expert_parallel == slice_index:
+                edp_group = group
     return Topology(rank, local_rank, world_size, dev, pp_size=pipeline_stages, ep_size=expert_parallel,
-                    dp_group=dp_group)
+                    dp_group=dp_group, ep_group=ep_group, edp_group=edp_group)
 
 
 def teardown() -> None:

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 
 from models.loss import count_targets
 
+from . import optimizer_state
 from .distributed import Topology
 from .optim import build_optimizer
 
@@ -54,6 +55,7 @@ class StepResult:
     applied: bool  # False: the update was skipped (non-finite gradients)
     tokens: int  # input tokens of the global batch
     expert_counts: torch.Tensor | None = None  # (routers, experts) picks over the global batch (MoE)
+    metrics: dict = field(default_factory=dict)  # what else the engine measured (logged as is)
 
 
 class _StepTotals:
@@ -152,16 +154,21 @@ class Engine:
 
 
 class TorchEngine(Engine):
-    """One process, or torch DDP over the process group. fp32 master weights; bf16 runs under autocast."""
+    """One process, or torch DDP over the process group. fp32 master weights; bf16 runs under autocast.
+    With expert parallelism (`sharding`), DDP leaves the expert slices alone: their gradients are
+    reduced over the ranks holding the same slice, and the gradient norm spans every slice."""
 
-    def __init__(self, model: nn.Module, optim_cfg, precision: str, topology: Topology):
+    def __init__(self, model: nn.Module, optim_cfg, precision: str, topology: Topology, sharding=None):
         self.module = model.to(topology.device)
-        self.topology, self.precision = topology, precision
+        self.topology, self.precision, self.sharding = topology, precision, sharding
         self.grad_clip = optim_cfg.grad_clip
         self.optimizer = build_optimizer(self.module, optim_cfg, topology.device.type)
         if topology.dp_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            if sharding is not None:
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    self.module, [n for n, _ in self.module.named_parameters() if sharding.is_expert(n)])
             ids = [topology.device.index] if topology.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=ids, process_group=topology.dp_group)
         else:
@@ -181,7 +188,12 @@ class TorchEngine(Engine):
         set_learning_rates(self.optimizer, lr, only_new)
         params = [p for p in self.module.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.sharding is None:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        else:
+            self.sharding.reduce_gradients(self.module)
+            norm = float(self.sharding.grad_norm(self.module))
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
         applied = math.isfinite(norm)
         if applied:
             self.optimizer.step()
@@ -193,47 +205,39 @@ class TorchEngine(Engine):
 
     def save(self, directory: Path) -> None:
         """The AdamW state keyed by parameter name (not by position), so that a checkpoint still loads
-        when the parameter groups change, or parameters are added (upcycling)."""
-        if self.topology.is_main:  # replicated on every rank
-            names = self._names()
-            state = {names[id(p)]: self.optimizer.state[p] for g in self.optimizer.param_groups for p in g["params"]
-                     if p in self.optimizer.state}
-            torch.save({"format": "adamw-by-name", "state": state}, directory / "optimizer.pt")
+        when the layout or the parameter groups change, or parameters are added (upcycling). Expert
+        slices are gathered into full tensors (collective)."""
+        names = self._names()
+        state = {}
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if param in self.optimizer.state:
+                    name = names[id(param)]
+                    state[name] = self.optimizer.state[param]
+                    if self.sharding is not None:
+                        state[name] = self.sharding.gather_optimizer_state(name, state[name])
+        if self.topology.is_main:  # the rest is replicated on every rank
+            optimizer_state.write(directory, state)
 
     def load(self, directory: Path) -> None:
-        saved = torch.load(directory / "optimizer.pt", map_location=self.topology.device, weights_only=True)
-        if saved.get("format") != "adamw-by-name":
-            raise RuntimeError(f"{directory / 'optimizer.pt'}: not an optimizer state this trainer wrote")
-        load_optimizer_by_name(self.optimizer, self._names(), saved["state"])
+        if not (directory / optimizer_state.FILE).is_file() and (directory / "deepspeed").is_dir():
+            raise RuntimeError(
+                f"{directory.parent}: its optimizer state was written by DeepSpeed's ZeRO engine, which the torch "
+                f"engine cannot read. Resume it with the same parallel group (e.g. parallel=zero2), or start from "
+                f"its weights with +model.init_from={directory.parent}")
+        saved = optimizer_state.read(directory, map_location=self.topology.device)
+        if self.sharding is not None:
+            saved = {name: self.sharding.slice_optimizer_state(name, s) for name, s in saved.items()}
+        optimizer_state.load_into_torch(self.optimizer, self._names(), saved)
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
+        state = self.module.state_dict()
+        return state if self.sharding is None else self.sharding.full_state_dict(state)
 
 
 def set_learning_rates(optimizer, lr: float, only_new: bool) -> None:
     for group in optimizer.param_groups:
         group["lr"] = 0.0 if only_new and group.get("stage") == "old" else lr
-
-
-def load_optimizer_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str], saved: dict) -> None:
-    """Restore per-parameter AdamW state by name. A parameter the saved state does not know (a new
-    expert after upcycling) starts with zero moments at the saved step count, so its first updates are
-    damped like the others' rather than a full bias-corrected step."""
-    steps = [s["step"] for s in saved.values() if "step" in s]
-    step = max(steps, key=float) if steps else None
-    current = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
-    unknown = sorted(set(saved) - set(current))
-    if unknown:
-        raise RuntimeError(f"optimizer state for parameters this model does not have: {unknown[:5]}")
-    for name, param in current.items():
-        if name in saved:
-            optimizer.state[param] = {k: (v.to(param.device) if torch.is_tensor(v) else v) for k, v in saved[name].items()}
-        elif step is not None:
-            optimizer.state[param] = {
-                "step": step.clone() if torch.is_tensor(step) else step,
-                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
-            }
 
 
 def deepspeed_config(parallel_cfg, trainer_cfg, optim_cfg, accumulation: int) -> dict:
@@ -291,14 +295,22 @@ def import_deepspeed(topology: Topology):
 
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO (stages 0–3, optional CPU offload) via `deepspeed.initialize`, with our AdamW
-    and weight-decay groups as its client optimizer."""
+    and weight-decay groups as its client optimizer. With expert parallelism (`sharding`, ZeRO 0–2) the
+    expert slices are DeepSpeed MoE parameters: reduced over the ranks holding the same slice, in MoE
+    parameter groups of their own (DeepSpeed's classic MoE machinery)."""
 
-    def __init__(self, model: nn.Module, optim_cfg, ds_config: dict, topology: Topology):
+    def __init__(self, model: nn.Module, optim_cfg, ds_config: dict, topology: Topology, sharding=None):
         deepspeed = import_deepspeed(topology)
-        self.topology = topology
+        self.topology, self.sharding = topology, sharding
         self.module = model
         self.precision = "fp32"  # DeepSpeed's bf16 mode casts the model itself; no autocast on top
-        optimizer = build_optimizer(model, optim_cfg, topology.device.type)
+        if sharding is not None:
+            from .expert_parallel import mark_for_deepspeed
+
+            mark_for_deepspeed(model, sharding)
+            optimizer = build_optimizer(model, optim_cfg, topology.device.type, moe_groups=True)
+        else:
+            optimizer = build_optimizer(model, optim_cfg, topology.device.type)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine
         self.stage = ds_config["zero_optimization"]["stage"]
@@ -329,30 +341,54 @@ class DeepSpeedEngine(Engine):
         return (float("nan"), False) if bad else (norm, math.isfinite(norm))
 
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+        """DeepSpeed's own checkpoint (exact, fastest to write); with expert parallelism the name-keyed
+        AdamW state instead (DeepSpeed's MoE checkpointing expects its own MoE layers), with full expert
+        tensors, so that the run resumes under another expert-parallel size."""
+        if self.sharding is None:
+            self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+            return
+        optimizer_state.link_fragments(self.optimizer)
+        state = {}
+        for name, param in self.module.named_parameters():
+            state[name] = self.sharding.gather_optimizer_state(name, optimizer_state.param_state(self.optimizer, param))
+        if self.topology.is_main:
+            optimizer_state.write(directory, state)
 
     def load(self, directory: Path) -> None:
-        if not (directory / "deepspeed").is_dir() and (directory / "optimizer.pt").is_file():
+        if (directory / "deepspeed").is_dir() and self.sharding is None:
+            path, _ = self.engine.load_checkpoint(
+                str(directory / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False)
+            if path is None:
+                raise RuntimeError(f"{directory / 'deepspeed'}: DeepSpeed found no checkpoint to load")
+            return
+        if not (directory / optimizer_state.FILE).is_file():
             raise RuntimeError(
-                f"{directory.parent}: its optimizer state was written by the torch engine (a single process, DDP, or "
-                f"upcycling), which DeepSpeed cannot load. Resume it with parallel=ddp, or start from its weights with "
-                f"+model.init_from={directory.parent}"
-            )
-        path, _ = self.engine.load_checkpoint(
-            str(directory / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if path is None:
-            raise RuntimeError(f"{directory / 'deepspeed'}: DeepSpeed found no checkpoint to load")
+                f"{directory.parent}: its optimizer state is DeepSpeed's own, written without expert parallelism; "
+                f"resume it with parallel.expert_parallel=1, or start from its weights with "
+                f"+model.init_from={directory.parent}")
+        # name-keyed state (torch engine, pipeline, upcycling, expert parallelism): through DeepSpeed's
+        # per-parameter views of its partitions
+        saved = optimizer_state.read(directory)
+        if self.stage == 3:
+            raise RuntimeError(f"{directory.parent}: ZeRO-3 cannot load optimizer state by parameter name; resume "
+                               f"with parallel=zero2, or start from its weights with +model.init_from={directory.parent}")
+        optimizer_state.link_fragments(self.optimizer, optimizer_state.saved_step(saved))
+        for name, param in self.module.named_parameters():
+            if name in saved:
+                state = saved[name] if self.sharding is None else self.sharding.slice_optimizer_state(name, saved[name])
+                optimizer_state.set_param_state(self.optimizer, param, state)
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights on every rank; under ZeRO-3 the partitions are gathered first."""
+        """Full weights on every rank; under ZeRO-3 the partitions are gathered first, and with expert
+        parallelism the expert slices."""
         module = self.engine.module
         if self.stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 return {k: v.detach().clone() for k, v in module.state_dict().items()}
-        return module.state_dict()
+        state = module.state_dict()
+        return state if self.sharding is None else self.sharding.full_state_dict(state)
 
 
 def build_engine(run, model: nn.Module, topology: Topology, accumulation: int):
@@ -361,7 +397,12 @@ def build_engine(run, model: nn.Module, topology: Topology, accumulation: int):
 
         ds_config = deepspeed_config(run.parallel, run.trainer, run.optim, accumulation)
         return PipelineEngine(model, run, ds_config, topology, accumulation)
+    sharding = None
+    if topology.ep_size > 1:
+        from .expert_parallel import shard_experts
+
+        sharding = shard_experts(model, topology)
     if run.parallel.engine == "deepspeed":
         ds_config = deepspeed_config(run.parallel, run.trainer, run.optim, accumulation)
-        return DeepSpeedEngine(model.to(topology.device), run.optim, ds_config, topology)
-    return TorchEngine(model, run.optim, run.trainer.precision, topology)
+        return DeepSpeedEngine(model.to(topology.device), run.optim, ds_config, topology, sharding)
+    return TorchEngine(model, run.optim, run.trainer.precision, topology, sharding)

@@ -25,7 +25,7 @@ import models
 from data import DataError, HeldOut, TokenLoader, build_tokenizer, check_vocab, eval_batches, merge_counters
 
 from . import checkpoint
-from .config import RunConfig, RunConfigError, data_config
+from .config import RunConfig, RunConfigError, check_layout, data_config
 from .distributed import Topology, setup, teardown
 from .engine import build_engine
 from .metrics import MetricsLogger, expert_shares, measured_peak_flops
@@ -172,6 +172,7 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
     else:
         model = models.build(run.model)
     model_config = model.config  # resumed or init_from: the architecture comes from that directory
+    check_layout(run, model_config)
     try:
         check_vocab(tokenizer, model_config.vocab_size)
     except DataError as exc:
@@ -290,6 +291,7 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
                     record.update(_expert_load(result.expert_counts))
                     if evaluate_now or step == max_steps:  # per-expert shares: big lines, so only now and then
                         record["expert_load"] = expert_shares(result.expert_counts)
+                record.update(result.metrics)
                 record.update(_data_counters(loader, topology))
                 if evaluate_now:
                     record.update(evaluate())

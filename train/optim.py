@@ -59,9 +59,16 @@ def parameter_groups(model, weight_decay: float, decay_also=(), new_params=()) -
     ]
 
 
-def build_optimizer(model, cfg, device_type: str) -> torch.optim.Optimizer:
-    """cfg: an OptimSchema; model: as in `parameter_groups`."""
+def build_optimizer(model, cfg, device_type: str, moe_groups: bool = False) -> torch.optim.Optimizer:
+    """cfg: an OptimSchema; model: as in `parameter_groups`. `moe_groups`: put DeepSpeed MoE parameters
+    (expert slices under expert parallelism) in groups of their own, as DeepSpeed's ZeRO requires."""
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
     new = cfg.new_params if cfg.new_params_only_steps > 0 else ()
     groups = parameter_groups(model, cfg.weight_decay, cfg.decay_also, new)
+    if moe_groups:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        for group in groups:
+            group["name"] = f"{'decay' if group['weight_decay'] else 'no_decay'}-{group['stage']}"
+        groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)

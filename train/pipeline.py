@@ -30,6 +30,7 @@ from torch import nn
 
 from models.base import embed_inputs
 
+from . import optimizer_state
 from .distributed import LayoutError, Topology
 from .engine import StepResult, _model_inputs, global_targets, import_deepspeed, set_learning_rates
 from .optim import build_optimizer
@@ -211,10 +212,9 @@ class PipelineEngine:
         self._shape = None
         self._bad_step = False
         self._wrap_final_reductions()
-        counts = [sum(p.numel() for _, p in self.named_parameters)]
-        logger.info("pipeline stage %d of %d: items %s, %.3fM parameters", self.stage, self.engine.num_stages,
-                    [type(i).__name__ + (f"({i.piece.layer_index})" if isinstance(i, LayerPipe) else "")
-                     for i in self.items], counts[0] / 1e6)
+        self._busy = 0.0
+        self._time_compute()
+        self._log_stages()
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -255,6 +255,31 @@ class PipelineEngine:
 
         self.engine._exec_reduce_tied_grads = checked
 
+    def _log_stages(self) -> None:
+        mine = (self.stage, [type(i).__name__ + (f"({i.piece.layer_index})" if isinstance(i, LayerPipe) else "")
+                             for i in self.items], sum(p.numel() for _, p in self.named_parameters))
+        stages = [None] * self.topology.world_size
+        dist.all_gather_object(stages, mine)
+        for stage, items, count in sorted({s[0]: s for s in stages}.values()):
+            logger.info("pipeline stage %d: %s, %d parameters", stage, " ".join(items), count)
+
+    def _time_compute(self) -> None:
+        """Time spent computing (forward and backward passes) per step, so that the pipeline's idle share
+        (bubble and waiting on the neighbouring stages) can be measured against the theoretical one."""
+        import time
+
+        for name in ("_exec_forward_pass", "_exec_backward_pass"):
+            original = getattr(self.engine, name)
+
+            def timed(*args, _original=original, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self._busy += time.perf_counter() - start
+
+            setattr(self.engine, name, timed)
+
     # ------------------------------------------------------------------ steps
     def _batches(self, micro_batches: list[dict], targets: torch.Tensor, aux_weight: float):
         device = self.topology.device
@@ -279,15 +304,24 @@ class PipelineEngine:
         # DeepSpeed divides the loss by the micro-batches and averages gradients over replicas; the
         # objective is the sum over both
         self.objective.scale = len(micro_batches) * self.topology.dp_size
+        import time
+
+        self._busy, start = 0.0, time.perf_counter()
         self.engine.train_batch(data_iter=self._batches(micro_batches, targets, aux_weight))
+        idle = torch.tensor([1.0 - self._busy / (time.perf_counter() - start)], device=self.topology.device)
+        idle = float(self.topology.all_reduce(idle)) / self.topology.world_size
+        stages, m = self.engine.num_stages, len(micro_batches)
+        pipeline_metrics = {"pipeline_idle": idle, "pipeline_bubble_theory": (stages - 1) / (m + stages - 1)}
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
         tokens = sum(b["input_ids"].numel() for b in micro_batches)
         values = self._from_last_stage(tokens)
         aux = values["aux"] / (len(micro_batches) * self.topology.dp_size) if values["aux"] is not None else None
         if self._bad_step:
-            return StepResult(float("nan"), aux, float("nan"), False, values["tokens"], values["counts"])
-        return StepResult(values["cross_entropy"], aux, norm, math.isfinite(norm), values["tokens"], values["counts"])
+            return StepResult(float("nan"), aux, float("nan"), False, values["tokens"], values["counts"],
+                              pipeline_metrics)
+        return StepResult(values["cross_entropy"], aux, norm, math.isfinite(norm), values["tokens"], values["counts"],
+                          pipeline_metrics)
 
     def _from_last_stage(self, tokens: int) -> dict:
         """The last stage's sums of this step, summed over replicas and sent to every stage."""
@@ -331,120 +365,25 @@ class PipelineEngine:
         if self.topology.dp_rank == 0:
             for item in self.items:
                 mine.update({k: v.detach().cpu() for k, v in item.hf_state_dict().items()})
-        return _gather_on_rank0(mine, self.topology)
+        return optimizer_state.gather_on_rank0(mine, self.topology.world_size, self.topology.is_main)
 
     def save(self, directory: Path) -> None:
         """AdamW state keyed by Hugging Face parameter name, the torch engine's format (fp32 master
         weights too when DeepSpeed keeps them apart from the bf16 model)."""
-        _link_optimizer_fragments(self.optimizer)
-        state = {name: _optimizer_state(self.optimizer, param) for name, param in self.named_parameters}
-        if self.topology.dp_rank != 0:
-            state = {}
-        merged = _gather_on_rank0(state, self.topology)
+        optimizer_state.link_fragments(self.optimizer)
+        state = {name: optimizer_state.param_state(self.optimizer, p) for name, p in self.named_parameters}
+        merged = optimizer_state.gather_on_rank0(state if self.topology.dp_rank == 0 else {},
+                                                 self.topology.world_size, self.topology.is_main)
         if self.topology.is_main:
-            torch.save({"format": "adamw-by-name", "state": merged}, directory / "optimizer.pt")
+            optimizer_state.write(directory, merged)
 
     def load(self, directory: Path) -> None:
-        if not (directory / "optimizer.pt").is_file():
+        if not (directory / optimizer_state.FILE).is_file():
             raise RuntimeError(
-                f"{directory.parent}: no optimizer state by parameter name (optimizer.pt); a checkpoint written by "
-                f"DeepSpeed's ZeRO engine cannot seed a pipeline. Start from its weights with "
-                f"+model.init_from={directory.parent}")
-        saved = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
-        if saved.get("format") != "adamw-by-name":
-            raise RuntimeError(f"{directory / 'optimizer.pt'}: not an optimizer state this trainer wrote")
-        state = saved["state"]
-        steps = [s["step"] for s in state.values() if "step" in s]
-        _link_optimizer_fragments(self.optimizer, max(steps, key=float) if steps else None)
-        unknown = sorted(set(state) - {n for n, _ in self.named_parameters}) if self.engine.num_stages == 1 else []
-        if unknown:
-            raise RuntimeError(f"optimizer state for parameters this model does not have: {unknown[:5]}")
+                f"{directory.parent}: no optimizer state by parameter name ({optimizer_state.FILE}); start from its "
+                f"weights with +model.init_from={directory.parent}")
+        state = optimizer_state.read(directory)
+        optimizer_state.link_fragments(self.optimizer, optimizer_state.saved_step(state))
         for name, param in self.named_parameters:
             if name in state:
-                _set_optimizer_state(self.optimizer, param, state[name])
-
-
-def _gather_on_rank0(obj: dict, topology: Topology) -> dict:
-    if topology.world_size == 1:
-        return obj
-    gathered = [None] * topology.world_size if topology.is_main else None
-    dist.gather_object(obj, gathered, dst=0)
-    if not topology.is_main:
-        return {}
-    out = {}
-    for part in gathered:
-        for key, value in part.items():
-            out.setdefault(key, value)  # a tied weight comes from the first and the last stage: keep one
-    return out
-
-
-def _link_optimizer_fragments(optimizer, step=None) -> None:
-    """Make DeepSpeed's per-parameter views of its flat optimizer state complete. ZeRO-1/2 and the bf16
-    optimizer link them once, right after the first step of the first parameter group, so the views of
-    the other groups stay empty (DeepSpeed 0.19.8); before any step there is no state at all to view.
-    Create what is missing (zero moments at `step`, for loading) and link again."""
-    relink = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if relink is None:
-        return
-    inner = optimizer.optimizer
-    for group in inner.param_groups:
-        for flat in group["params"]:
-            state = inner.state[flat]
-            if not state:
-                count = step if step is not None else 0.0
-                state["step"] = count.clone().float() if torch.is_tensor(count) else torch.tensor(float(count))
-                state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-    optimizer._hp_optimizer_states_linked = False
-    relink()
-
-
-def _optimizer_state(optimizer, param) -> dict:
-    """One parameter's AdamW state (exp_avg, exp_avg_sq, step), assembled from DeepSpeed's partitions
-    (collective over the data-parallel group under ZeRO)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    if hasattr(param, "_hp_mapping"):  # ZeRO-1 / bf16: fragments of flat fp32 partitions
-        state = {key: safe_get_full_optimizer_state(param, key).cpu() for key in ("exp_avg", "exp_avg_sq")}
-        state["step"] = _step_count(optimizer)
-        if param.dtype != torch.float32:
-            state["fp32_param"] = safe_get_full_fp32_param(param).cpu()
-        return state
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in inner.state.get(param, {}).items()}
-
-
-def _set_optimizer_state(optimizer, param, state: dict) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    if hasattr(param, "_hp_mapping"):
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                safe_set_full_optimizer_state(param, state[key].to(param.device), key)
-        if "fp32_param" in state:
-            safe_set_full_fp32_param(param, state["fp32_param"].to(param.device))
-        _set_step_count(optimizer, state.get("step"))
-        return
-    inner = getattr(optimizer, "optimizer", optimizer)
-    inner.state[param] = {k: (v.to(param.device) if torch.is_tensor(v) else v) for k, v in state.items()}
-
-
-def _inner_states(optimizer):
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return inner.state.values()
-
-
-def _step_count(optimizer):
-    for state in _inner_states(optimizer):
-        if "step" in state:
-            step = state["step"]
-            return step.clone().cpu() if torch.is_tensor(step) else step
-    return torch.tensor(0.0)
-
-
-def _set_step_count(optimizer, step) -> None:
-    if step is None:
-        return
-    for state in _inner_states(optimizer):
-        if "step" in state:
-            state["step"] = step.clone().to(state["step"].device) if torch.is_tensor(state["step"]) else float(step)
+                optimizer_state.set_param_state(self.optimizer, param, state[name])

@@ -69,3 +69,35 @@ def compose(overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = hydra_compose("config", overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def one_process_reference(overrides: list[str], world: int, steps: int) -> dict:
+    """What a run of `world` data-parallel ranks must compute, in this process: the same TorchEngine
+    step on the same rows (every rank's loader, each rank's micro-batches accumulated in turn).
+    Returns per-step losses and aux losses and the final model."""
+    import torch
+
+    import models
+    from data import HeldOut, TokenLoader, build_tokenizer
+    from train.config import data_config, validate
+    from train.distributed import Topology
+    from train.engine import TorchEngine
+    from train.schedule import build_schedule
+
+    run = validate(compose(overrides))
+    t = run.trainer
+    torch.manual_seed(t.seed)
+    dcfg = data_config(run.data, t.micro_batch_size, t.seed)
+    heldout = HeldOut(dcfg)
+    tokenizer = build_tokenizer(dcfg.tokenizer, dcfg.sources, heldout.exclude)
+    model = models.build(run.model)
+    accumulation = t.global_batch_size // (t.micro_batch_size * world)
+    loaders = [iter(TokenLoader(dcfg, tokenizer, rank, world, heldout)) for rank in range(world)]
+    engine = TorchEngine(model, run.optim, t.precision, Topology(0, 0, 1, torch.device("cpu")))
+    schedule = build_schedule(run.scheduler, run.optim.lr, t.max_steps)
+    out = {"loss": {}, "aux_loss": {}, "model": model}
+    for step in range(steps):
+        micro = [next(loader) for loader in loaders for _ in range(accumulation)]
+        result = engine.train_step(micro, schedule(step))
+        out["loss"][step + 1], out["aux_loss"][step + 1] = result.loss, result.aux_loss
+    return out

@@ -164,13 +164,15 @@ def test_help_lists_every_preset(env):
         assert name in proc.stdout, name
 
 
-def test_launcher_local_rank_argument_is_accepted(monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert strip_launcher_arguments(["--local_rank=1", "optim.lr=1"]) == ["optim.lr=1"]
+def test_launcher_local_rank_argument_is_accepted():
     import os
+    from unittest import mock
 
-    assert os.environ["LOCAL_RANK"] == "1"
-    assert strip_launcher_arguments(["--local_rank", "0", "x=1"]) == ["x=1"]
+    with mock.patch.dict(os.environ):  # the LOCAL_RANK it sets must not leak into other tests
+        os.environ.pop("LOCAL_RANK", None)
+        assert strip_launcher_arguments(["--local_rank=1", "optim.lr=1"]) == ["optim.lr=1"]
+        assert os.environ["LOCAL_RANK"] == "1"
+        assert strip_launcher_arguments(["--local_rank", "0", "x=1"]) == ["x=1"]
 
 
 def test_missing_source_path_names_the_override_hydra_accepts(env, tmp_path):

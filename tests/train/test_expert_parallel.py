@@ -1,0 +1,147 @@
+"""Expert parallelism on 2 gloo processes through `torchrun -m train`: JetMoE (MLP and attention
+experts) and Doge CDMoE (expert tables) with their experts split over 2 ranks equal one process on the
+same global batch (losses, aux losses, final weights), with DDP and with ZeRO-2; each rank holds only
+its slice; checkpoints resume across expert-parallel sizes and after SIGKILL; upcycled checkpoints
+train under it; layouts that cannot work are refused up front."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import models
+from train.config import RunConfigError, validate
+
+from .conftest import FAST, REPO, compose, losses, metrics, one_process_reference, run_train
+
+STEPS = 10
+COMMON = [*FAST, f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", "scheduler.warmup=2",
+          "trainer.save_every=5", "trainer.keep_last=5"]
+EP = ["parallel.expert_parallel=2"]
+TOLERANCE = 2e-5
+
+
+@pytest.fixture(scope="module")
+def references(cache_dir, tmp_path_factory):
+    os.environ["SMOLPRETRAIN_CACHE"] = str(cache_dir)
+    out = {}
+    for preset in ("jetmoe-tiny", "doge-tiny-moe"):
+        out[preset] = one_process_reference(
+            [*COMMON, f"model={preset}", f"trainer.output_dir={tmp_path_factory.mktemp('ref')}"], 2, STEPS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ep_runs(cache_dir, tmp_path_factory):
+    """ep=2 with DDP for both families (reused by the resume tests)."""
+    env = {**os.environ, "SMOLPRETRAIN_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "DS_ACCELERATOR": "cpu", "PYTHONFAULTHANDLER": "1"}
+    root = tmp_path_factory.mktemp("ep")
+    for preset in ("jetmoe-tiny", "doge-tiny-moe"):
+        proc = run_train([*COMMON, *EP, f"model={preset}", f"trainer.output_dir={root / preset}"], env, nproc=2)
+        (root / f"{preset}.stderr").write_text(proc.stderr)
+    return root
+
+
+def _check_against_reference(run_dir, reference):
+    records = {r["step"]: r for r in metrics(run_dir)}
+    assert sorted(records) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert abs(records[step]["loss"] - reference["loss"][step]) <= TOLERANCE, step
+        assert abs(records[step]["aux_loss"] - reference["aux_loss"][step]) <= TOLERANCE, step
+    # the checkpoint is one full model: every expert slice gathered back
+    final = models.from_pretrained(run_dir / "checkpoints" / f"step-{STEPS}")
+    expected = reference["model"].state_dict()
+    for name, tensor in final.state_dict().items():
+        assert torch.allclose(tensor, expected[name], atol=TOLERANCE), name
+    assert records[STEPS]["loss"] < records[1]["loss"]
+
+
+@pytest.mark.parametrize("preset", ["jetmoe-tiny", "doge-tiny-moe"])
+def test_ddp_expert_parallel_equals_one_process(preset, references, ep_runs):
+    _check_against_reference(ep_runs / preset, references[preset])
+
+
+@pytest.mark.parametrize("preset", ["jetmoe-tiny", "doge-tiny-moe"])
+def test_zero2_expert_parallel_equals_one_process(preset, references, tmp_path, env):
+    run_train([*COMMON, *EP, "parallel=zero2", f"model={preset}", f"trainer.output_dir={tmp_path}"], env, nproc=2)
+    _check_against_reference(tmp_path, references[preset])
+
+
+@pytest.mark.parametrize("preset,expert_params", [("jetmoe-tiny", 65536), ("doge-tiny-moe", 8192)])
+def test_each_rank_holds_its_slice(preset, expert_params, ep_runs):
+    """The full model's expert tensors, and what rank 0 says it holds: the rest plus half the experts."""
+    model = models.from_pretrained(ep_runs / preset / "checkpoints" / f"step-{STEPS}")
+    total = model.num_parameters()
+    experts = sum(p.numel() for n, p in model.named_parameters()
+                  if any(k in n for k in ("input_linear", "output_linear", "down_embed", "up_embed")))
+    assert experts == 2 * expert_params
+    line = f"this rank holds {total - expert_params} of {total} parameters ({expert_params} expert parameters, 1/2"
+    assert line in (ep_runs / f"{preset}.stderr").read_text()
+
+
+@pytest.mark.parametrize("direction", ["ep2->ep1", "ep1->ep2"])
+def test_resume_across_expert_parallel_sizes(direction, ep_runs, tmp_path, env):
+    preset = "jetmoe-tiny"
+    if direction == "ep2->ep1":
+        source, resumed_layout = ep_runs / preset, []
+    else:
+        source, resumed_layout = tmp_path / "ep1", EP
+        run_train([*COMMON, f"model={preset}", f"trainer.output_dir={source}", "trainer.max_steps=7"], env, nproc=2)
+    out = tmp_path / "resumed"
+    run_train([*COMMON, *resumed_layout, f"model={preset}", f"trainer.output_dir={out}", "trainer.max_steps=7",
+               f"trainer.resume={source / 'checkpoints' / 'step-5'}"], env, nproc=2)
+    reference, resumed = losses(source), losses(out)
+    assert sorted(resumed) == [6, 7]
+    for step in (6, 7):
+        assert abs(resumed[step] - reference[step]) <= 1e-6, (step, resumed[step], reference[step])
+
+
+def test_killed_expert_parallel_run_resumes_exactly(ep_runs, tmp_path, env):
+    preset = "doge-tiny-moe"
+    out = tmp_path / "killed"
+    killed = run_train([*COMMON, *EP, f"model={preset}", f"trainer.output_dir={out}"], env, nproc=2, check=False,
+                       module=["tests.train.faults", "kill-after-checkpoint", "5"])
+    assert killed.returncode != 0 and (out / "checkpoints" / "step-5").is_dir()
+    run_train([*COMMON, *EP, f"model={preset}", f"trainer.output_dir={out}", "trainer.resume=auto"], env, nproc=2)
+    straight, resumed = losses(ep_runs / preset), losses(out)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in straight:
+        assert abs(straight[step] - resumed[step]) <= 1e-6, step
+
+
+def test_upcycled_checkpoint_trains_under_expert_parallelism(tmp_path, env):
+    from train.upcycle import main as upcycle_main
+
+    dense = tmp_path / "dense"
+    run_train([*FAST, "trainer.max_steps=3", f"trainer.output_dir={dense}"], env)
+    assert upcycle_main([str(dense / "checkpoints" / "step-3"), str(tmp_path / "moe"), "--num-experts", "16",
+                         "--experts-per-token", "4"]) == 0
+    # trained in one process, continued on two: a new data order (the optimizer state carries over)
+    run_train([*FAST, *EP, "trainer.max_steps=5", f"trainer.output_dir={tmp_path / 'run'}",
+               f"trainer.resume={tmp_path / 'moe'}", "data.allow_new_order=true"], env, nproc=2)
+    assert sorted(losses(tmp_path / "run")) == [4, 5]
+    trained = models.from_pretrained(tmp_path / "run" / "checkpoints" / "step-5")
+    assert trained.config.is_moe and trained.model.layers["0"].mlp.up_embed.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=doge-tiny", *EP], r"needs a mixture-of-experts model; doge \(is_moe: false\) has no experts"),
+    (["model=glm4-tiny", *EP], r"needs a mixture-of-experts model; glm4 has no experts"),
+    (["model=jetmoe-tiny", "parallel.expert_parallel=3"], r"does not divide the model's 4 experts; use one of \[1, 2, 4\]"),
+    (["model=jetmoe-tiny", "parallel=zero3", *EP], r"DeepSpeed refuses its MoE parameter groups under ZeRO-3; use "
+                                                   r"parallel=zero1, parallel=zero2 or parallel=ddp"),
+])
+def test_layouts_that_cannot_work_are_refused_up_front(overrides, message):
+    with pytest.raises(RunConfigError, match=message):
+        validate(compose(overrides))
+
+
+def test_expert_parallel_size_must_divide_the_world(tmp_path, env):
+    proc = run_train([*FAST, "model=jetmoe-tiny", "parallel.expert_parallel=2", f"trainer.output_dir={tmp_path}/run"],
+                     env, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "parallel.expert_parallel=2 does not divide the world of 1 processes; use a divisor of 1 ([1])" in proc.stderr
+    assert not (tmp_path / "run").exists()
