@@ -60,7 +60,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         raise CheckpointError(
             f"{text}: not a local directory, and fetching it from the Hugging Face hub failed "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Offline? Download the "
-            f"model elsewhere (`huggingface-cli download {text} --local-dir DIR`) and pass DIR, or set HF_HOME "
+            f"model elsewhere (`hf download {text} --local-dir DIR`) and pass DIR, or set HF_HOME "
             f"to a cache that holds it."
         ) from exc
 

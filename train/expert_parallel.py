@@ -18,10 +18,10 @@ Doge CDMoE (rank-1 experts, thousands of them, 16–64 per token): `down_embed` 
 rows per rank. The activations of the group's tokens are all-gathered (with their picked experts and
 weights), each rank adds the contributions of the experts it holds, and the partial outputs are
 reduce-scattered back to the tokens' ranks (`ShardedRankOneExperts`). Sending each token only to the
-ranks that own one of its experts would move at most as many bytes, but with k >= 16 picks over N <= 8
-ranks nearly every rank is hit anyway (bytes per token, README: equal at N = 2 and at k = 64, within
-12% at k = 16, N = 8), and all-gather / reduce-scatter have fixed sizes: no host synchronisation at
-all.
+ranks that own one of its experts moves fewer bytes, but with k >= 16 picks over N <= 8 ranks nearly
+every rank is hit anyway: 4-18% fewer bytes for the shapes we ship (README's table), at the price of a
+count exchange, a host sync and two variable-size all-to-alls per layer. All-gather / reduce-scatter
+have fixed sizes: no host synchronisation at all.
 
 Checkpoints stay one Hugging Face directory of full weights (`full_state_dict` gathers the shards) and
 name-keyed optimizer state with full expert tensors, so a run resumes under another expert-parallel

@@ -43,8 +43,10 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps); the last good checkpoint is intact."""
 
 
-class StoppedBeforeTraining(RuntimeError):
-    """SIGTERM / SIGINT arrived while the run was still setting up: nothing was trained or written."""
+class StoppedBeforeTraining(BaseException):
+    """SIGTERM / SIGINT arrived while the run was still setting up: nothing was trained or written. A
+    BaseException, like KeyboardInterrupt, so that no `except Exception` on the way (a data source that
+    turns failures into its own errors) mistakes the request for a failure."""
 
 
 class _Preemption:
