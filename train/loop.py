@@ -30,7 +30,7 @@ from .distributed import Topology, setup, teardown
 from .engine import build_engine
 from .metrics import MetricsLogger, expert_shares, measured_peak_flops
 from .parallelize import parallelize
-from .schedule import build_schedule
+from .schedule import build_schedule, is_branch
 
 logger = logging.getLogger("train")
 
@@ -102,7 +102,9 @@ def _resolve_resume(run: RunConfig, output_dir: Path) -> tuple[Path | None, list
         path = Path(resume)
         if not path.exists():
             raise RunConfigError(f"trainer.resume={resume}: no such checkpoint or run directory")
-        if (path / "checkpoints").is_dir() and not checkpoint.STEP_DIR.match(path.name):
+        if run.scheduler.branch_from_step is not None:
+            path = _branch_checkpoint(path, run.scheduler.branch_from_step, resume)
+        elif (path / "checkpoints").is_dir() and not checkpoint.STEP_DIR.match(path.name):
             path, _ = checkpoint.find_resumable(path, run.trainer.verify_checksums)  # a run directory
             if path is None:
                 raise RunConfigError(f"trainer.resume={resume}: no complete checkpoint in that run directory")
@@ -110,6 +112,23 @@ def _resolve_resume(run: RunConfig, output_dir: Path) -> tuple[Path | None, list
     except checkpoint.CheckpointCorrupt as exc:
         raise RunConfigError(f"trainer.resume={resume}: {exc}") from None
     return path, []
+
+
+def _branch_checkpoint(path: Path, step: int, resume: str) -> Path:
+    """scheduler.branch_from_step=N with trainer.resume=<run dir>: that run's checkpoints/step-N."""
+    if checkpoint.STEP_DIR.match(path.name):
+        if checkpoint.step_of(path) != step:
+            raise RunConfigError(f"trainer.resume={resume} is the step-{checkpoint.step_of(path)} checkpoint but "
+                                 f"scheduler.branch_from_step={step}: name the run directory instead")
+        return path
+    found = path / "checkpoints" / f"step-{step}"
+    if not found.is_dir():
+        saved = ", ".join(p.name for p in checkpoint.list_checkpoints(path)) or "none"
+        raise RunConfigError(
+            f"scheduler.branch_from_step={step}: {path} has no checkpoint at step {step} (it has: {saved}). Branch "
+            f"from a step it saved, or save the stable run with trainer.save_every dividing {step} and "
+            f"trainer.keep_last=0 (keep every checkpoint)")
+    return found
 
 
 def _warn_about_precision(run: RunConfig, topology: Topology) -> None:
@@ -198,14 +217,21 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
         raise RunConfigError(
             f"optim.new_params_only_steps={run.optim.new_params_only_steps}, but "
             f"{resume_from or 'this run'} does not continue an upcycled checkpoint (python -m train.upcycle)")
-    branch = run.scheduler.branch_decay_steps is not None and resume_from is not None
-    if run.scheduler.branch_decay_steps is not None and resume_from is None:
-        raise RunConfigError("scheduler.branch_decay_steps starts a decay branch from a checkpoint: set trainer.resume")
+    branch = is_branch(run.scheduler) and resume_from is not None
+    if is_branch(run.scheduler) and resume_from is None:
+        raise RunConfigError("scheduler.branch_decay_steps / branch_decay_fraction start a decay branch from a "
+                             "checkpoint: set trainer.resume")
+    # A branch resumed from its own checkpoint (preempted, requeued) goes on with the decay it started:
+    # its checkpoints record the step the branch started at.
+    state["branch_from"] = (run.scheduler.branch_from_step or state.get("branch_from") or state["step"]) if branch \
+        else None
     try:
-        schedule = build_schedule(run.scheduler, run.optim.lr, t.max_steps, branch_from=state["step"] if branch else None)
+        schedule = build_schedule(run.scheduler, run.optim.lr, t.max_steps, branch_from=state["branch_from"])
     except ValueError as exc:
         raise RunConfigError(str(exc)) from None
     max_steps = schedule.total_steps
+    if branch and "trainer" in config_dict:  # config.json states where this run ends (plots, sweep status)
+        config_dict = {**config_dict, "trainer": {**config_dict["trainer"], "max_steps": max_steps}}
     state["schedule"] = schedule.describe()
     start_step = state["step"]
     _check_eval_tasks(run, topology)
