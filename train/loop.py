@@ -39,6 +39,19 @@ logger = logging.getLogger("train")
 EXIT_STOPPED = 75
 
 
+STATUS_FILE = "status"
+
+
+def write_status(output_dir: Path, status: str) -> None:
+    """<output_dir>/status: `running` once the run starts writing, then `stopped` (on request, after
+    its checkpoint: continue it with trainer.resume=auto) or `finished`; a run that failed leaves
+    `running`. For launchers, which under torchrun see only torchrun's exit status (1 whatever the
+    ranks returned): launch/slurm.sbatch requeues a job whose run says `stopped`."""
+    tmp = output_dir / f".{STATUS_FILE}.tmp"
+    tmp.write_text(status + "\n")
+    tmp.replace(output_dir / STATUS_FILE)
+
+
 class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps); the last good checkpoint is intact."""
 
@@ -240,6 +253,7 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
     if topology.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
+        write_status(output_dir, "running")
         checkpoint.clean_stale(output_dir)
         checkpoint.quarantine(corrupt)
         others = [c.name for c in checkpoint.list_checkpoints(output_dir) if checkpoint.run_id_of(c) != state["run_id"]]
@@ -334,6 +348,8 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
                 break
     finally:
         metrics.close()
+    if topology.is_main:
+        write_status(output_dir, "stopped" if stopped else "finished")
     if t.plot and topology.is_main:
         from .plot import plot_run
 
