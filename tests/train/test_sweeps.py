@@ -1,0 +1,148 @@
+"""Sweeps through the user's door, `python -m train --multirun ...`: the default launcher (one torchrun
+process group per point, one after another), submitit_local, re-runs that skip finished points and
+resume unfinished ones, and decay branches fanned out from one stable run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import FAST, REPO, losses, metrics
+
+TINY = [*FAST, "trainer.max_steps=2"]
+GRID = ["optim.lr=1e-3,3e-3", "model=doge-tiny,glm4-tiny"]
+POINTS = ["model=doge-tiny,optim.lr=0.001", "model=doge-tiny,optim.lr=0.003",
+          "model=glm4-tiny,optim.lr=0.001", "model=glm4-tiny,optim.lr=0.003"]
+
+
+def sweep(args: list[str], env: dict, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "train", "--multirun", *args]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-20000:]}")
+    return proc
+
+
+def summary_rows(sweep_dir: Path) -> dict[str, str]:
+    """summary.md's table: point -> status."""
+    rows = {}
+    for line in (sweep_dir / "summary.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0] not in ("point", "---"):
+            rows[cells[0]] = cells[6]
+    return rows
+
+
+def assert_finished_sweep(sweep_dir: Path, points: list[str], steps: list[int]) -> None:
+    assert sorted(p.name for p in sweep_dir.iterdir() if (p / "metrics.jsonl").is_file()) == points
+    for point in points:
+        assert sorted(losses(sweep_dir / point)) == steps, point
+    assert summary_rows(sweep_dir) == {p: "finished" for p in points}
+    for plot in ("curves.png", "final_eval_loss.png"):
+        assert (sweep_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+
+
+def ranks_that_saved(point_dir: Path, step: int) -> list[str]:
+    return sorted(p.name for p in (point_dir / "checkpoints" / f"step-{step}" / "trainer_state").glob("rank-*.pt"))
+
+
+def test_local_launcher_runs_a_grid_and_a_rerun_skips_the_finished_points(tmp_path, env):
+    sweep_dir = tmp_path / "grid"
+    args = [*TINY, *GRID, f"hydra.sweep.dir={sweep_dir}"]
+    started = time.perf_counter()
+    sweep(args, env)
+    first_run = time.perf_counter() - started
+    assert_finished_sweep(sweep_dir, POINTS, [1, 2])
+    for point in POINTS:
+        config = json.loads((sweep_dir / point / "config.json").read_text())
+        assert f"model={config['model']['model_type']}-tiny,optim.lr={config['optim']['lr']}" == point
+
+    before = {p: (sweep_dir / p / "metrics.jsonl").read_bytes() for p in POINTS}
+    started = time.perf_counter()
+    proc = sweep(args, env)
+    elapsed = time.perf_counter() - started
+    assert proc.stderr.count("finished (checkpoint at step 2 of 2)") == 4, proc.stderr[-3000:]
+    assert " -m train " not in proc.stderr  # no point was launched
+    assert elapsed < first_run / 2, (elapsed, first_run)
+    assert {p: (sweep_dir / p / "metrics.jsonl").read_bytes() for p in POINTS} == before
+    assert summary_rows(sweep_dir) == {p: "finished" for p in POINTS}
+
+
+def test_submitit_local_launcher(tmp_path, env):
+    sweep_dir = tmp_path / "grid"
+    sweep([*TINY, *GRID, "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}"], env)
+    assert_finished_sweep(sweep_dir, POINTS, [1, 2])
+    assert len(list((sweep_dir / ".submitit").glob("*/*_result.pkl"))) == 4  # one submitit job per point
+
+
+def test_a_stopped_point_is_resumed_by_running_the_sweep_again(tmp_path, env):
+    """Two processes per point: SIGTERM to the sweep reaches the ranks through torchrun, and the re-run
+    creates a process group for each of its two points in turn."""
+    sweep_dir = tmp_path / "lr"
+    args = [*FAST, "trainer.max_steps=20", "optim.lr=1e-3,3e-3", "hydra.launcher.nproc_per_node=2",
+            f"hydra.sweep.dir={sweep_dir}"]
+    first, second = sweep_dir / "optim.lr=0.001", sweep_dir / "optim.lr=0.003"
+    proc = subprocess.Popen([sys.executable, "-m", "train", "--multirun", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((first / "metrics.jsonl").is_file() and metrics(first)):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # as Slurm or a user stopping the sweep
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-5000:]  # stopped on request: run me again
+    stopped_at = max(losses(first))
+    assert 1 <= stopped_at < 20
+    assert (first / "status").read_text().strip() == "stopped"
+    assert ranks_that_saved(first, stopped_at) == ["rank-0.pt", "rank-1.pt"]
+    assert (first / "checkpoints" / f"step-{stopped_at}" / "MANIFEST.json").is_file()
+    assert not second.exists()  # the sweep stopped: the next point never started
+    assert summary_rows(sweep_dir) == {"optim.lr=0.001": f"unfinished (step {stopped_at})"}
+
+    proc = sweep(args, env)
+    assert f"resuming {first} from its step-{stopped_at} checkpoint (of 20 steps)" in proc.stderr
+    assert f"resumed from {first / 'checkpoints' / f'step-{stopped_at}'}" in proc.stderr
+    steps = [m["step"] for m in metrics(first) if "loss" in m]
+    assert steps == list(range(1, 21))  # each step once: continued, not restarted
+    assert_finished_sweep(sweep_dir, ["optim.lr=0.001", "optim.lr=0.003"], list(range(1, 21)))
+    for point in (first, second):
+        assert ranks_that_saved(point, 20) == ["rank-0.pt", "rank-1.pt"]
+
+
+def test_a_refused_point_fails_alone_with_its_reason(tmp_path, env):
+    sweep_dir = tmp_path / "bad"
+    proc = sweep([*TINY, "optim.weight_decay=0.0,-1.0", f"hydra.sweep.dir={sweep_dir}"], env, check=False)
+    assert proc.returncode == 1
+    assert "optim.weight_decay=-1.0: refused: optim.weight_decay=-1.0 must be >= 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(losses(sweep_dir / "optim.weight_decay=0.0")) == [1, 2]  # the good point ran
+    assert not (sweep_dir / "optim.weight_decay=-1.0").exists()
+
+
+def test_decay_branches_fan_out_from_a_stable_run_in_one_command(tmp_path, env):
+    stable = tmp_path / "stable"
+    subprocess.run([sys.executable, "-m", "train", *FAST, f"trainer.output_dir={stable}", "trainer.max_steps=6",
+                    "trainer.save_every=2", "trainer.keep_last=0", "scheduler.warmup=0", "scheduler.decay=0"],
+                   env=env, cwd=REPO, check=True, capture_output=True)
+    decays = tmp_path / "decays"
+    peak, min_lr_ratio = 3e-3, 0.1
+    proc = sweep([*FAST, f"trainer.resume={stable}", "scheduler.branch_from_step=range(2,5,2)",
+                  "scheduler.branch_decay_fraction=0.5", f"scheduler.min_lr_ratio={min_lr_ratio}", "scheduler.warmup=0",
+                  f"hydra.sweep.dir={decays}"], env)
+    # step 2 decays over 1 step (half of 2), step 4 over 2; each resumed the stable run's checkpoint
+    expected = {"scheduler.branch_from_step=2": (2, [3]), "scheduler.branch_from_step=4": (4, [5, 6])}
+    assert sorted(p.name for p in decays.iterdir() if p.is_dir() and not p.name.startswith(".")) == sorted(expected)
+    for name, (start, steps) in expected.items():
+        assert f"resumed from {stable / 'checkpoints' / f'step-{start}'}" in proc.stderr
+        lrs = {m["step"]: m["lr"] for m in metrics(decays / name) if "lr" in m}
+        assert sorted(lrs) == steps, name
+        assert lrs[steps[-1]] == pytest.approx(min_lr_ratio * peak)  # decayed to the floor at its last step
+    # linear decay over steps 4, 5: half-way after the first
+    assert metrics(decays / "scheduler.branch_from_step=4")[0]["lr"] == pytest.approx(peak * (1 - 0.5 * (1 - min_lr_ratio)))
+    assert summary_rows(decays) == {name: "finished" for name in expected}
+    assert sorted(losses(stable)) == [1, 2, 3, 4, 5, 6]  # the stable run is untouched
