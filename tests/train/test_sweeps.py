@@ -5,6 +5,8 @@ resume unfinished ones, and decay branches fanned out from one stable run."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,3 +148,60 @@ def test_decay_branches_fan_out_from_a_stable_run_in_one_command(tmp_path, env):
     assert metrics(decays / "scheduler.branch_from_step=4")[0]["lr"] == pytest.approx(peak * (1 - 0.5 * (1 - min_lr_ratio)))
     assert summary_rows(decays) == {name: "finished" for name in expected}
     assert sorted(losses(stable)) == [1, 2, 3, 4, 5, 6]  # the stable run is untouched
+
+
+def _submitit_task_pids(folder: Path) -> list[int]:
+    """Processes running a submitit task of the jobs under `folder` (Linux /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "submitit.core._submit" in cmdline and any(str(folder) in arg for arg in cmdline):
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_submitit_preemption_checkpoints_requeues_and_resumes_the_point(tmp_path, env):
+    """submitit's preemption signal (USR2) to a point: it saves a checkpoint after the current step
+    (not killed mid-step), submitit requeues the job, and the requeued job resumes the point."""
+    sweep_dir = tmp_path / "preempt"
+    point = sweep_dir / "optim.lr=0.001"
+    cmd = [sys.executable, "-m", "train", "--multirun", *FAST, "trainer.max_steps=30", "optim.lr=choice(1e-3)",
+           "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((point / "metrics.jsonl").is_file() and metrics(point)):
+        time.sleep(0.1)
+    pids = _submitit_task_pids(sweep_dir / ".submitit")
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGUSR2)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-5000:]
+    log = "".join(p.read_text() for p in sorted((sweep_dir / ".submitit").glob("*/*_0_log.err")))
+    stopped = re.search(r"stopped on request at step (\d+) of 30", log)
+    assert stopped, log[-5000:]
+    at = int(stopped.group(1))
+    assert "asking submitit to requeue this point" in log and "Requeued job" in log
+    assert f"resuming {point} from its step-{at} checkpoint (of 30 steps)" in log
+    assert [m["step"] for m in metrics(point) if "loss" in m] == list(range(1, 31))  # each step once
+    assert (point / "status").read_text().strip() == "finished"
+    assert summary_rows(sweep_dir) == {"optim.lr=0.001": "finished"}
+
+
+def test_point_names_are_the_swept_overrides_made_safe_for_a_filesystem():
+    from train.sweep import multirun_argv, point_dirname
+
+    assert point_dirname("model=doge-20m,optim.lr=0.001") == "model=doge-20m,optim.lr=0.001"
+    # a swept path (decay branches from explicit checkpoints) stays one directory level
+    assert point_dirname("trainer.resume=/runs/a/checkpoints/step-2000") == "trainer.resume=_runs_a_checkpoints_step-2000"
+    assert point_dirname("++model.hidden_size=64,optim.lr=0.001") == "model.hidden_size=64,optim.lr=0.001"
+    assert point_dirname("", 3) == "point-3"  # nothing swept
+    long = point_dirname(",".join(f"key{i}=value{i}" for i in range(60)))
+    assert len(long.encode()) <= 200 and long != point_dirname(",".join(f"key{i}=value{i}" for i in range(61)))
+    # constant overrides (and the output directory) are left out of the names; swept ones stay
+    argv = multirun_argv(["--multirun", "optim.lr=1e-3,3e-3", "trainer.max_steps=2", "model=doge-tiny",
+                          "scheduler.branch_from_step=range(2,5,2)", "hydra.sweep.dir=x"])
+    assert argv[-1] == ("hydra.job.config.override_dirname.exclude_keys="
+                        "[model,trainer.max_steps,trainer.output_dir]")
