@@ -63,9 +63,8 @@ def check_overrides(argv: list[str]) -> str | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError, ValidationError
 
-    from .config import RunSchema, schema_fields, unknown_key_message
+    from .config import RunSchema, unknown_key_message
 
     candidates = [a for a in argv if "=" in a and not a.startswith(("-", "hydra", "+hydra", "~"))]
     try:
@@ -77,27 +76,46 @@ def check_overrides(argv: list[str]) -> str | None:
     for override in overrides:
         key = override.key_or_group
         parts = key.split(".")
-        if len(parts) < 2 or override.is_sweep_override() or override.is_delete():
-            continue  # a group choice (model=doge-20m) or a sweep: Hydra checks those
+        if len(parts) < 2 or override.is_delete():
+            continue  # a group choice (model=doge-20m): Hydra checks those
         if parts[0] == "model":
             if parts[1] not in model_keys:
                 return unknown_key_message("model", parts[1], model_keys)
             continue
         if parts[0] not in ("data", "optim", "scheduler", "parallel", "trainer", "logger"):
             continue
-        nested: dict = {}
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = override.value()
-        try:
-            OmegaConf.merge(schema, _lists_as_indices(nested))
-        except ConfigKeyError as exc:
-            bad = str(exc.key)
-            where = parts.index(bad) if bad in parts else len(parts) - 1
-            return unknown_key_message(".".join(parts[:where]), bad, schema_fields(exc.object_type))
-        except ValidationError as exc:
-            return f"{key}: {str(exc).splitlines()[0]}"
+        if not override.is_sweep_override():
+            values = [override.value()]
+        elif override.is_discrete_sweep():  # every value of optim.lr=1e-3,3e-3 or range(...)
+            values = list(override.sweep_iterator())
+        else:
+            continue  # an interval for a search sweeper: its values are drawn later
+        for value in values:
+            problem = _check_schema_value(schema, parts, value)
+            if problem:
+                return problem
+    return None
+
+
+def _check_schema_value(schema, parts: list[str], value) -> str | None:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    from .config import schema_fields, unknown_key_message
+
+    nested: dict = {}
+    node = nested
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    try:
+        OmegaConf.merge(schema, _lists_as_indices(nested))
+    except ConfigKeyError as exc:
+        bad = str(exc.key)
+        where = parts.index(bad) if bad in parts else len(parts) - 1
+        return unknown_key_message(".".join(parts[:where]), bad, schema_fields(exc.object_type))
+    except ValidationError as exc:
+        return f"{'.'.join(parts)}: {str(exc).splitlines()[0]}"
     return None
 
 

@@ -73,7 +73,10 @@ def multirun_argv(argv: list[str]) -> list[str]:
     task = [a for a in argv if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
     parsed = OverridesParser.create().parse_overrides(task)
     constant = {o.key_or_group for o in parsed if not o.is_sweep_override()} | set(NEVER_IN_NAME)
-    return [*argv, f"hydra.job.config.override_dirname.exclude_keys=[{','.join(sorted(constant))}]"]
+    exclude = f"hydra.job.config.override_dirname.exclude_keys=[{','.join(sorted(constant))}]"
+    # beside the other overrides: Hydra's argument parser takes them as one run of positionals
+    at = argv.index(task[0]) if task else len(argv)
+    return [*argv[:at], exclude, *argv[at:]]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,7 +237,10 @@ class SweepSummary(Callback):
         if not self.enabled or self.done or self.sweep_dir is None:
             return
         self.done = True
-        from .plot import PlotError, plot_sweep
+        from .plot import PlotError, plot_sweep, sweep_points
+
+        if not self.sweep_dir.is_dir() or not sweep_points(self.sweep_dir):
+            return  # no point has logged anything (all refused, or stopped before their first step)
 
         try:
             written = plot_sweep(self.sweep_dir)

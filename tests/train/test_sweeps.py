@@ -202,6 +202,5 @@ def test_point_names_are_the_swept_overrides_made_safe_for_a_filesystem():
     assert len(long.encode()) <= 200 and long != point_dirname(",".join(f"key{i}=value{i}" for i in range(61)))
     # constant overrides (and the output directory) are left out of the names; swept ones stay
     argv = multirun_argv(["--multirun", "optim.lr=1e-3,3e-3", "trainer.max_steps=2", "model=doge-tiny",
-                          "scheduler.branch_from_step=range(2,5,2)", "hydra.sweep.dir=x"])
-    assert argv[-1] == ("hydra.job.config.override_dirname.exclude_keys="
-                        "[model,trainer.max_steps,trainer.output_dir]")
+                          "scheduler.branch_from_step=range(2,5,2)", "hydra.sweep.dir=x", "--cfg", "job"])
+    assert argv[1] == "hydra.job.config.override_dirname.exclude_keys=[model,trainer.max_steps,trainer.output_dir]"
