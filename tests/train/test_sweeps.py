@@ -117,6 +117,13 @@ def test_a_stopped_point_is_resumed_by_running_the_sweep_again(tmp_path, env):
 
 
 def test_a_refused_point_fails_alone_with_its_reason(tmp_path, env):
+    # a misspelt key or a value of the wrong type anywhere in a sweep: refused before anything starts
+    for bad, message in (("optim.lrr=1e-3,3e-3", "unknown config key optim.lrr. Did you mean lr?"),
+                         ("optim.lr=1e-3,fast", "optim.lr: Value 'fast' of type 'str' could not be converted")):
+        proc = sweep([*TINY, bad, f"hydra.sweep.dir={tmp_path / 'typo'}"], env, check=False, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
+        assert not (tmp_path / "typo").exists()
+    # a value out of its domain fails its point only
     sweep_dir = tmp_path / "bad"
     proc = sweep([*TINY, "optim.weight_decay=0.0,-1.0", f"hydra.sweep.dir={sweep_dir}"], env, check=False)
     assert proc.returncode == 1
