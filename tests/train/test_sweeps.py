@@ -155,6 +155,13 @@ def test_decay_branches_fan_out_from_a_stable_run_in_one_command(tmp_path, env):
     assert metrics(decays / "scheduler.branch_from_step=4")[0]["lr"] == pytest.approx(peak * (1 - 0.5 * (1 - min_lr_ratio)))
     assert summary_rows(decays) == {name: "finished" for name in expected}
     assert sorted(losses(stable)) == [1, 2, 3, 4, 5, 6]  # the stable run is untouched
+    # a step the stable run did not save: refused, with the steps it has
+    proc = subprocess.run([sys.executable, "-m", "train", *FAST, f"trainer.resume={stable}", "scheduler.warmup=0",
+                           "scheduler.branch_from_step=3", "scheduler.branch_decay_fraction=0.5",
+                           f"trainer.output_dir={tmp_path / 'nope'}"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "has no checkpoint at step 3 (it has: step-2, step-4, step-6)" in proc.stderr
+    assert not (tmp_path / "nope").exists()
 
 
 def _submitit_task_pids(folder: Path) -> list[int]:
@@ -211,3 +218,31 @@ def test_point_names_are_the_swept_overrides_made_safe_for_a_filesystem():
     argv = multirun_argv(["--multirun", "optim.lr=1e-3,3e-3", "trainer.max_steps=2", "model=doge-tiny",
                           "scheduler.branch_from_step=range(2,5,2)", "hydra.sweep.dir=x", "--cfg", "job"])
     assert argv[1] == "hydra.job.config.override_dirname.exclude_keys=[model,trainer.max_steps,trainer.output_dir]"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["scheduler.branch_decay_fraction=1.5"], "scheduler.branch_decay_fraction=1.5 must be in (0, 1]"),
+    (["scheduler.branch_decay_fraction=0.1", "scheduler.branch_decay_steps=400"], "set one of them"),
+    (["scheduler.branch_from_step=2000", "trainer.resume=outputs/stable"],
+     "also set scheduler.branch_decay_fraction"),
+    (["scheduler.branch_from_step=2000", "scheduler.branch_decay_fraction=0.1"],
+     "set trainer.resume to that run's directory"),
+])
+def test_decay_branch_keys_are_checked(overrides, message):
+    from train.config import RunConfigError, validate
+
+    from .conftest import compose
+
+    with pytest.raises(RunConfigError, match=re.escape(message)):
+        validate(compose(overrides))
+
+
+def test_branch_decay_fraction_scales_with_the_branch_start():
+    from train.config import SchedulerSchema
+    from train.schedule import build_schedule
+
+    cfg = SchedulerSchema(warmup=10, branch_decay_fraction=0.1)
+    for start in (2000, 4000):
+        s = build_schedule(cfg, 1.0, 100, branch_from=start)
+        assert (s.decay_start, s.decay_steps, s.total_steps) == (start, start // 10, start + start // 10)
+        assert s(start - 1) == 1.0 and s(s.total_steps - 1) == 0.0
