@@ -221,11 +221,10 @@ def main() -> None:
     from .config import register_configs
 
     register_configs()
-    sweep.register_resolvers()
     hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")(_entry)()
 
 
-def _entry(cfg) -> None:
+def _entry(cfg) -> dict:
     from data import DataError
     from models import CheckpointError, ConfigError
 

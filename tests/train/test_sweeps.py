@@ -133,6 +133,11 @@ def test_a_typo_anywhere_in_a_sweep_is_refused_before_anything_starts(tmp_path, 
         proc = sweep([*TINY, bad, f"hydra.sweep.dir={tmp_path / 'typo'}"], env, check=False, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
         assert not (tmp_path / "typo").exists()
+    # a sweep under torchrun (each rank would launch the whole sweep): refused, with what to run instead
+    proc = sweep([*TINY, "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={tmp_path / 'typo'}"],
+                 {**env, "TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "RANK": "0"}, check=False, timeout=60)
+    assert proc.returncode == 2 and "hydra.launcher.nproc_per_node=N" in proc.stderr
+    assert not (tmp_path / "typo").exists()
 
 
 def test_decay_branches_fan_out_from_a_stable_run_in_one_command(tmp_path, env):
