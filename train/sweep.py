@@ -10,7 +10,7 @@ default, one `torchrun` per point; `submitit_slurm` / `submitit_local`; Hydra's 
     (`trainer.resume=auto`) when it has a checkpoint, otherwise start as its overrides say (a decay
     branch starts from the checkpoint its `trainer.resume` names);
   * under submitit: ranks from submitit's job environment (`submitit_distributed_environment`), and
-    a requeue when the run was stopped after its checkpoint (`requeue_if_submitit`);
+    a requeue when the run was stopped after its checkpoint (`SubmititPreemption`);
   * at the end, the sweep's plots and summary.md (`SweepSummary`, a Hydra callback).
 
 Nothing here imports torch at module level: the Hydra callback is instantiated by every
