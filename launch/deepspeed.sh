@@ -4,7 +4,7 @@
 #   NUM_GPUS=4 launch/deepspeed.sh parallel=zero2
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+source launch/python.sh  # PY: $PYTHON, .venv/bin/python, or python3 on PATH
 if [ -z "${NUM_GPUS:-}" ]; then
     NUM_GPUS=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi

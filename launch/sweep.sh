@@ -1,17 +1,15 @@
 #!/usr/bin/env bash
-# A sweep: one training job per value (Hydra's --multirun cannot re-create a process group inside one
-# torchrun job, so each point is its own launch). Each point gets its own output directory.
-#   launch/sweep.sh optim.lr 1e-3 3e-3 1e-2 -- experiment=doge-20m trainer.max_steps=2000
-# Single-process sweeps can also use Hydra directly: python -m train --multirun optim.lr=1e-3,3e-3
+# A sweep, one job per point: a thin example over `python -m train --multirun` (the README's "Sweeps").
+# Each point runs as its own torchrun process group (NPROC per point: visible GPUs, or 1), one after
+# another, in <hydra.sweep.dir>/<its overrides> (default: <trainer.output_dir>-sweep); running the same
+# command again skips finished points and resumes the others; summary.md and plots at the end.
+#   launch/sweep.sh optim.lr=1e-3,3e-3,1e-2 model=doge-20m,doge-60m trainer.output_dir=outputs/lr
+#   NPROC=8 launch/sweep.sh experiment=doge-20m optim.lr=2e-3,4e-3,8e-3
+# On Slurm, each point its own job: python -m train --multirun hydra/launcher=submitit_slurm ... (README)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KEY=$1; shift
-VALUES=()
-while [ $# -gt 0 ] && [ "$1" != "--" ]; do VALUES+=("$1"); shift; done
-[ "${1:-}" = "--" ] && shift
-BASE=${SWEEP_DIR:-outputs/sweep-${KEY//./-}}
-LAUNCH=${LAUNCH:-launch/torchrun.sh}
-for value in "${VALUES[@]}"; do
-    echo "== $KEY=$value"
-    "$LAUNCH" "$@" "$KEY=$value" "trainer.output_dir=$BASE/${KEY//./-}_$value"
-done
+source launch/python.sh
+if [ -z "${NPROC:-}" ]; then
+    NPROC=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))")
+fi
+exec $PY -m train --multirun "hydra.launcher.nproc_per_node=$NPROC" "$@"

@@ -4,7 +4,7 @@
 #   NPROC=8 launch/torchrun.sh experiment=doge-160m parallel=zero2
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+source launch/python.sh  # PY: $PYTHON, .venv/bin/python, or python3 on PATH
 if [ -z "${NPROC:-}" ]; then
     NPROC=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi

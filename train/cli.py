@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from hydra.errors import CompactHydraException
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 EXIT_REFUSED = 2
@@ -61,9 +63,8 @@ def check_overrides(argv: list[str]) -> str | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError, ValidationError
 
-    from .config import RunSchema, schema_fields, unknown_key_message
+    from .config import RunSchema, unknown_key_message
 
     candidates = [a for a in argv if "=" in a and not a.startswith(("-", "hydra", "+hydra", "~"))]
     try:
@@ -75,27 +76,46 @@ def check_overrides(argv: list[str]) -> str | None:
     for override in overrides:
         key = override.key_or_group
         parts = key.split(".")
-        if len(parts) < 2 or override.is_sweep_override() or override.is_delete():
-            continue  # a group choice (model=doge-20m) or a sweep: Hydra checks those
+        if len(parts) < 2 or override.is_delete():
+            continue  # a group choice (model=doge-20m): Hydra checks those
         if parts[0] == "model":
             if parts[1] not in model_keys:
                 return unknown_key_message("model", parts[1], model_keys)
             continue
         if parts[0] not in ("data", "optim", "scheduler", "parallel", "trainer", "logger"):
             continue
-        nested: dict = {}
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = override.value()
-        try:
-            OmegaConf.merge(schema, _lists_as_indices(nested))
-        except ConfigKeyError as exc:
-            bad = str(exc.key)
-            where = parts.index(bad) if bad in parts else len(parts) - 1
-            return unknown_key_message(".".join(parts[:where]), bad, schema_fields(exc.object_type))
-        except ValidationError as exc:
-            return f"{key}: {str(exc).splitlines()[0]}"
+        if not override.is_sweep_override():
+            values = [override.value()]
+        elif override.is_discrete_sweep():  # every value of optim.lr=1e-3,3e-3 or range(...)
+            values = list(override.sweep_iterator())
+        else:
+            continue  # an interval for a search sweeper: its values are drawn later
+        for value in values:
+            problem = _check_schema_value(schema, parts, value)
+            if problem:
+                return problem
+    return None
+
+
+def _check_schema_value(schema, parts: list[str], value) -> str | None:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    from .config import schema_fields, unknown_key_message
+
+    nested: dict = {}
+    node = nested
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    try:
+        OmegaConf.merge(schema, _lists_as_indices(nested))
+    except ConfigKeyError as exc:
+        bad = str(exc.key)
+        where = parts.index(bad) if bad in parts else len(parts) - 1
+        return unknown_key_message(".".join(parts[:where]), bad, schema_fields(exc.object_type))
+    except ValidationError as exc:
+        return f"{'.'.join(parts)}: {str(exc).splitlines()[0]}"
     return None
 
 
@@ -124,22 +144,60 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
+
 def run_from_hydra(cfg) -> dict:
+    """One run. A point of a sweep run in this process (Hydra's basic launcher, submitit; the default
+    torchrun launcher starts `python -m train` per point instead, which is a plain run here) writes to
+    its point directory, is skipped when finished and resumed when it has a checkpoint (train.sweep)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     from .config import validate
-    from .loop import train
+    from .loop import StoppedBeforeTraining, train
 
     values = OmegaConf.to_container(cfg, resolve=True)
-    hydra_cfg = HydraConfig.get()
-    if str(hydra_cfg.mode) == "RunMode.MULTIRUN":  # each point of a sweep gets its own directory
-        values["trainer"]["output_dir"] = str(Path(values["trainer"]["output_dir"]) / str(hydra_cfg.job.num))
-    run = validate(values)
-    return train(run, values)
+    if not in_multirun():
+        return train(validate(values), values)
+    from . import sweep
+
+    if sweep.in_submitit_job():
+        sweep.submitit_distributed_environment()
+        _setup_logging()  # main() did not run in submitit's worker; and this task's rank is known only now
+    point_dir = Path(HydraConfig.get().runtime.output_dir)  # <hydra.sweep.dir>/<hydra.sweep.subdir>
+    values["trainer"]["output_dir"] = str(point_dir)
+    plan = sweep.plan_point(validate(values), point_dir)
+    logging.getLogger("train").info(plan.describe(point_dir))
+    if plan.skip:
+        return {"skipped": True, "step": plan.last_step, "stopped": False}
+    values["trainer"]["resume"] = plan.resume
+    preemption = sweep.SubmititPreemption()
+    try:
+        summary = train(validate(values), values)
+    except StoppedBeforeTraining:
+        preemption.requeue()  # under submitit: requeued (rank 0 does not return); otherwise the sweep stops
+        raise
+    finally:
+        preemption.restore()
+    if summary.get("stopped"):
+        preemption.requeue()
+    return summary
+
+
+class PointFailed(CompactHydraException):
+    """A sweep point that failed or was refused; the sweep goes on with its other points. (Compact:
+    Hydra prints the message, not a traceback.)"""
 
 
 def _refuse(message: str, status: int = EXIT_REFUSED):
+    if status in (EXIT_REFUSED, 1) and in_multirun():
+        # In a sweep run in this process, SystemExit would end the whole sweep: the point fails alone
+        # (Hydra reports it with its overrides).
+        raise PointFailed(message)
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(status)
 
@@ -147,10 +205,17 @@ def _refuse(message: str, status: int = EXIT_REFUSED):
 def main() -> None:
     import hydra
 
+    from . import sweep
+
     argv = strip_launcher_arguments(sys.argv[1:])
     problem = check_overrides(argv)
     if problem:
         _refuse(problem)
+    if sweep.is_multirun(argv):
+        if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            _refuse("--multirun under torchrun (or any multi-process launcher): a sweep starts its own processes per "
+                    "point. Run `python -m train --multirun ... hydra.launcher.nproc_per_node=N` in one plain process")
+        argv = sweep.multirun_argv(argv)
     sys.argv = [sys.argv[0]] + with_forced_model_keys(argv)
     _setup_logging()
     from .config import register_configs
@@ -159,7 +224,7 @@ def main() -> None:
     hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")(_entry)()
 
 
-def _entry(cfg) -> None:
+def _entry(cfg) -> dict:
     from data import DataError
     from models import CheckpointError, ConfigError
 
@@ -177,3 +242,12 @@ def _entry(cfg) -> None:
         _refuse(str(exc), 1)
     if summary.get("stopped"):
         raise SystemExit(EXIT_STOPPED)
+    return summary
+
+
+# A sweep's point directories are named by this resolver (configs/config.yaml, hydra.sweep.subdir); it
+# must exist wherever Hydra resolves them, including submitit's workers, which import this module to
+# unpickle the task function.
+from . import sweep as _sweep  # noqa: E402
+
+_sweep.register_resolvers()

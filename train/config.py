@@ -107,6 +107,12 @@ class SchedulerSchema:
     # A decay branch (WSD): on resume from a stable-phase checkpoint at step S, decay over this many
     # steps starting at S; the run ends at S + branch_decay_steps.
     branch_decay_steps: Optional[int] = None
+    # ... or over this fraction of S (0.1: a branch from step 4000 decays over 400 steps), so that one
+    # sweep over several checkpoints gives each branch a decay in proportion to its length.
+    branch_decay_fraction: Optional[float] = None
+    # The branch starts at <trainer.resume>/checkpoints/step-<branch_from_step> (trainer.resume names the
+    # stable run's directory): sweep it, e.g. scheduler.branch_from_step=range(2000,10001,2000).
+    branch_from_step: Optional[int] = None
 
     def __post_init__(self):
         require_choice("scheduler.name", self.name, ("wsd", "cosine", "constant"))
@@ -117,6 +123,18 @@ class SchedulerSchema:
         require(0 <= self.min_lr_ratio <= 1, "scheduler.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         require(self.branch_decay_steps is None or self.branch_decay_steps >= 1, "scheduler.branch_decay_steps",
                 self.branch_decay_steps, "must be >= 1 (or null)")
+        require(self.branch_decay_fraction is None or 0 < self.branch_decay_fraction <= 1,
+                "scheduler.branch_decay_fraction", self.branch_decay_fraction,
+                "must be in (0, 1] (the decay's length as a fraction of the branch's start step; e.g. 0.1) or null")
+        require(self.branch_decay_steps is None or self.branch_decay_fraction is None, "scheduler.branch_decay_fraction",
+                self.branch_decay_fraction, f"and scheduler.branch_decay_steps={self.branch_decay_steps} both set the "
+                "decay's length: set one of them")
+        require(self.branch_from_step is None or self.branch_from_step >= 1, "scheduler.branch_from_step",
+                self.branch_from_step, "must be >= 1 (a step the stable run saved a checkpoint at) or null")
+        require(self.branch_from_step is None or self.branch_decay_steps is not None
+                or self.branch_decay_fraction is not None, "scheduler.branch_from_step", self.branch_from_step,
+                "starts a decay branch: also set scheduler.branch_decay_fraction (e.g. 0.1) or "
+                "scheduler.branch_decay_steps")
 
 
 @dataclass
@@ -314,9 +332,14 @@ def _check_across_groups(run: RunConfig) -> None:
         )
     if not run.data.sources:
         raise RunConfigError("data.sources is empty: choose a data group (e.g. data=builtin) or give sources")
-    if run.scheduler.branch_decay_steps is None:
-        from .schedule import build_schedule
+    if run.scheduler.branch_from_step is not None and t.resume in (None, "", "none", "null"):
+        raise RunConfigError(
+            f"scheduler.branch_from_step={run.scheduler.branch_from_step} branches from a checkpoint of another run: "
+            f"set trainer.resume to that run's directory (its checkpoints/step-{run.scheduler.branch_from_step} is "
+            f"where the branch starts)")
+    from .schedule import build_schedule, is_branch
 
+    if not is_branch(run.scheduler):
         try:
             build_schedule(run.scheduler, run.optim.lr, t.max_steps)
         except ValueError as exc:

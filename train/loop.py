@@ -30,13 +30,26 @@ from .distributed import Topology, setup, teardown
 from .engine import build_engine
 from .metrics import MetricsLogger, expert_shares, measured_peak_flops
 from .parallelize import parallelize
-from .schedule import build_schedule
+from .schedule import build_schedule, is_branch
 
 logger = logging.getLogger("train")
 
 # The exit status of a run stopped on request (SIGTERM / SIGINT) after saving its checkpoint: sysexits'
 # EX_TEMPFAIL, "temporary failure, try again". launch/slurm.sbatch requeues the job on it.
 EXIT_STOPPED = 75
+
+
+STATUS_FILE = "status"
+
+
+def write_status(output_dir: Path, status: str) -> None:
+    """<output_dir>/status: `running` once the run starts writing, then `stopped` (on request, after
+    its checkpoint: continue it with trainer.resume=auto) or `finished`; a run that failed leaves
+    `running`. For launchers, which under torchrun see only torchrun's exit status (1 whatever the
+    ranks returned): launch/slurm.sbatch requeues a job whose run says `stopped`."""
+    tmp = output_dir / f".{STATUS_FILE}.tmp"
+    tmp.write_text(status + "\n")
+    tmp.replace(output_dir / STATUS_FILE)
 
 
 class TrainingStopped(RuntimeError):
@@ -104,7 +117,9 @@ def _resolve_resume(run: RunConfig, output_dir: Path) -> tuple[Path | None, list
         path = Path(resume)
         if not path.exists():
             raise RunConfigError(f"trainer.resume={resume}: no such checkpoint or run directory")
-        if (path / "checkpoints").is_dir() and not checkpoint.STEP_DIR.match(path.name):
+        if run.scheduler.branch_from_step is not None:
+            path = _branch_checkpoint(path, run.scheduler.branch_from_step, resume)
+        elif (path / "checkpoints").is_dir() and not checkpoint.STEP_DIR.match(path.name):
             path, _ = checkpoint.find_resumable(path, run.trainer.verify_checksums)  # a run directory
             if path is None:
                 raise RunConfigError(f"trainer.resume={resume}: no complete checkpoint in that run directory")
@@ -112,6 +127,23 @@ def _resolve_resume(run: RunConfig, output_dir: Path) -> tuple[Path | None, list
     except checkpoint.CheckpointCorrupt as exc:
         raise RunConfigError(f"trainer.resume={resume}: {exc}") from None
     return path, []
+
+
+def _branch_checkpoint(path: Path, step: int, resume: str) -> Path:
+    """scheduler.branch_from_step=N with trainer.resume=<run dir>: that run's checkpoints/step-N."""
+    if checkpoint.STEP_DIR.match(path.name):
+        if checkpoint.step_of(path) != step:
+            raise RunConfigError(f"trainer.resume={resume} is the step-{checkpoint.step_of(path)} checkpoint but "
+                                 f"scheduler.branch_from_step={step}: name the run directory instead")
+        return path
+    found = path / "checkpoints" / f"step-{step}"
+    if not found.is_dir():
+        saved = ", ".join(p.name for p in checkpoint.list_checkpoints(path)) or "none"
+        raise RunConfigError(
+            f"scheduler.branch_from_step={step}: {path} has no checkpoint at step {step} (it has: {saved}). Branch "
+            f"from a step it saved, or save the stable run with trainer.save_every dividing {step} and "
+            f"trainer.keep_last=0 (keep every checkpoint)")
+    return found
 
 
 def _warn_about_precision(run: RunConfig, topology: Topology) -> None:
@@ -201,14 +233,21 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
         raise RunConfigError(
             f"optim.new_params_only_steps={run.optim.new_params_only_steps}, but "
             f"{resume_from or 'this run'} does not continue an upcycled checkpoint (python -m train.upcycle)")
-    branch = run.scheduler.branch_decay_steps is not None and resume_from is not None
-    if run.scheduler.branch_decay_steps is not None and resume_from is None:
-        raise RunConfigError("scheduler.branch_decay_steps starts a decay branch from a checkpoint: set trainer.resume")
+    branch = is_branch(run.scheduler) and resume_from is not None
+    if is_branch(run.scheduler) and resume_from is None:
+        raise RunConfigError("scheduler.branch_decay_steps / branch_decay_fraction start a decay branch from a "
+                             "checkpoint: set trainer.resume")
+    # A branch resumed from its own checkpoint (preempted, requeued) goes on with the decay it started:
+    # its checkpoints record the step the branch started at.
+    state["branch_from"] = (run.scheduler.branch_from_step or state.get("branch_from") or state["step"]) if branch \
+        else None
     try:
-        schedule = build_schedule(run.scheduler, run.optim.lr, t.max_steps, branch_from=state["step"] if branch else None)
+        schedule = build_schedule(run.scheduler, run.optim.lr, t.max_steps, branch_from=state["branch_from"])
     except ValueError as exc:
         raise RunConfigError(str(exc)) from None
     max_steps = schedule.total_steps
+    if branch and "trainer" in config_dict:  # config.json states where this run ends (plots, sweep status)
+        config_dict = {**config_dict, "trainer": {**config_dict["trainer"], "max_steps": max_steps}}
     state["schedule"] = schedule.describe()
     start_step = state["step"]
     _check_eval_tasks(run, topology)
@@ -217,6 +256,7 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
     if topology.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n")
+        write_status(output_dir, "running")
         checkpoint.clean_stale(output_dir)
         checkpoint.quarantine(corrupt)
         others = [c.name for c in checkpoint.list_checkpoints(output_dir) if checkpoint.run_id_of(c) != state["run_id"]]
@@ -312,6 +352,8 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
                 break
     finally:
         metrics.close()
+    if topology.is_main:
+        write_status(output_dir, "stopped" if stopped else "finished")
     if t.plot and topology.is_main:
         from .plot import plot_run
 

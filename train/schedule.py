@@ -11,7 +11,9 @@ So the first step already learns (lr > 0), the last warmup step is at peak, the 
 `cosine`: warmup, then cosine from peak to m over the rest. `constant`: warmup, then peak.
 
 A decay branch (the WSD paper's many-models-from-one-run): resuming a stable-phase checkpoint at step
-S0 with `branch_decay_steps` D0 gives S = S0, T = S0 + D0.
+S0 with `branch_decay_steps` D0 gives S = S0, T = S0 + D0; with `branch_decay_fraction` f instead,
+D0 = round(f * S0) (at least 1), so branches from several checkpoints each decay over the same share
+of their length.
 """
 
 from __future__ import annotations
@@ -83,12 +85,13 @@ def build_schedule(cfg, peak_lr: float, total_steps: int, branch_from: int | Non
     warmup = _steps(cfg.warmup, total_steps, "warmup")
     common = dict(warmup_type=cfg.warmup_type, decay_type=cfg.decay_type, min_lr_ratio=cfg.min_lr_ratio)
     if branch_from is not None:
-        if cfg.name != "wsd" or not cfg.branch_decay_steps:
-            raise ValueError("a decay branch needs scheduler.name=wsd and scheduler.branch_decay_steps > 0")
+        if cfg.name != "wsd" or not is_branch(cfg):
+            raise ValueError("a decay branch needs scheduler.name=wsd and scheduler.branch_decay_steps > 0 or "
+                             "scheduler.branch_decay_fraction > 0")
         if branch_from < warmup:
             raise ValueError(f"a decay branch must start after warmup (step {branch_from} < {warmup})")
-        total = branch_from + cfg.branch_decay_steps
-        return Schedule("wsd", peak_lr, total, warmup, branch_from, cfg.branch_decay_steps, **common)
+        decay = branch_decay_steps(cfg, branch_from)
+        return Schedule("wsd", peak_lr, branch_from + decay, warmup, branch_from, decay, **common)
     decay = _steps(cfg.decay, total_steps, "decay") if cfg.name == "wsd" else 0
     if warmup + decay > total_steps:
         phases = f"scheduler.warmup={cfg.warmup:g} ({warmup} steps)"
@@ -103,3 +106,15 @@ def build_schedule(cfg, peak_lr: float, total_steps: int, branch_from: int | Non
         return Schedule("cosine", peak_lr, total_steps, warmup, warmup, total_steps - warmup,
                         cfg.warmup_type, "cosine", cfg.min_lr_ratio)
     return Schedule("wsd", peak_lr, total_steps, warmup, total_steps - decay, decay, **common)
+
+
+def is_branch(cfg) -> bool:
+    """Whether the scheduler config asks for a decay branch (from the checkpoint the run resumes)."""
+    return bool(cfg.branch_decay_steps) or bool(cfg.branch_decay_fraction)
+
+
+def branch_decay_steps(cfg, branch_from: int) -> int:
+    """scheduler.branch_decay_steps, or branch_decay_fraction of the branch's start step (at least 1)."""
+    if cfg.branch_decay_steps:
+        return int(cfg.branch_decay_steps)
+    return max(1, int(round(cfg.branch_decay_fraction * branch_from)))
