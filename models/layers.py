@@ -166,6 +166,11 @@ class RotaryEmbedding(nn.Module):
 
     def reset_parameters(self) -> None:
         # Non-persistent buffer: recomputed after meta-device construction (`to_empty`) or loading.
+        if self.inv_freq.is_meta:
+            # nothing to compute on the meta device (and running the maths there costs torch's meta
+            # kernels a ~3 s first import); the real tables come once the model has a device
+            self.attention_scaling = 1.0
+            return
         inv_freq, self.attention_scaling = rope_frequencies(
             self.rope, self.rotary_dim, self.max_position_embeddings, device=self.inv_freq.device
         )
