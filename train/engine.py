@@ -58,40 +58,46 @@ class StepResult:
     metrics: dict = field(default_factory=dict)  # what else the engine measured (logged as is)
 
 
-class _StepTotals:
-    """Running sums of one step's micro-batch outputs on this rank, reduced over the data-parallel
-    replicas once at the end (a single collective)."""
+class StepTotals:
+    """Running sums of one step's micro-batch outputs on this rank (cross-entropy terms, aux losses,
+    expert pick counts, tokens), packed into one tensor so that they are reduced over the data-parallel
+    replicas in a single collective."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device=None):
         self.cross_entropy = torch.zeros((), dtype=torch.float64, device=device)
         self.aux = None
         self.counts = None
         self.tokens = 0
-        self.micro_batches = 0
 
-    def add(self, out, batch: dict) -> None:
-        self.cross_entropy += out.cross_entropy.detach().double()
+    def add(self, out, tokens: int = 0) -> None:
+        self.cross_entropy = self.cross_entropy.to(out.cross_entropy.device) + out.cross_entropy.detach().double()
         if out.aux_loss is not None:
             aux = out.aux_loss.detach().double()
             self.aux = aux if self.aux is None else self.aux + aux
         if out.expert_counts is not None:
             counts = out.expert_counts.double()
             self.counts = counts if self.counts is None else self.counts + counts
-        self.tokens += batch["input_ids"].numel()
-        self.micro_batches += 1
+        self.tokens += tokens
 
-    def result(self, topology: Topology, grad_norm: float, applied: bool) -> StepResult:
-        parts = [self.cross_entropy.reshape(1), torch.tensor([float(self.tokens)], dtype=torch.float64,
-                                                             device=self.device)]
+    def pack(self, counts_shape, device) -> torch.Tensor:
+        """[cross-entropy, tokens, aux, counts...] (zeros where this rank has none: a pipeline's early
+        stages)."""
+        size = counts_shape[0] * counts_shape[1] if counts_shape else 0
+        flat = torch.zeros(3 + size, dtype=torch.float64, device=device)
+        flat[0], flat[1] = self.cross_entropy, float(self.tokens)
         if self.aux is not None:
-            parts.append(self.aux.reshape(1))
-        if self.counts is not None:
-            parts.append(self.counts.reshape(-1))
-        flat = topology.dp_all_reduce(torch.cat(parts)).cpu()
-        aux = float(flat[2]) / (self.micro_batches * topology.dp_size) if self.aux is not None else None
-        counts = flat[3:].reshape(self.counts.shape).float() if self.counts is not None else None
-        return StepResult(float(flat[0]), aux, grad_norm, applied, int(flat[1]), counts)
+            flat[2] = self.aux
+        if size and self.counts is not None:
+            flat[3:] = self.counts.reshape(-1)
+        return flat
+
+    @staticmethod
+    def unpack(flat: torch.Tensor, counts_shape, aux_shares: int, grad_norm: float, applied: bool,
+               metrics: dict | None = None) -> StepResult:
+        flat = flat.cpu()
+        moe = counts_shape is not None
+        return StepResult(float(flat[0]), float(flat[2]) / aux_shares if moe else None, grad_norm, applied,
+                          int(flat[1]), flat[3:].reshape(counts_shape).float() if moe else None, metrics or {})
 
 
 def global_targets(micro_batches: list[dict], topology: Topology) -> torch.Tensor:
@@ -118,16 +124,18 @@ class Engine:
     def train_step(self, micro_batches: list[dict], lr: float, only_new: bool = False) -> StepResult:
         batches = [_model_inputs(b, self.topology.device) for b in micro_batches]
         targets = global_targets(batches, self.topology)
-        aux_weight = 1.0 / (len(batches) * self.topology.dp_size)
-        totals = _StepTotals(self.topology.device)
+        shares = len(batches) * self.topology.dp_size
+        totals = StepTotals(self.topology.device)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with self._micro_step(last):
-                out = self._forward(batch, num_items_in_batch=targets, aux_weight=aux_weight)
+                out = self._forward(batch, num_items_in_batch=targets, aux_weight=1.0 / shares)
                 self._backward(out.loss, len(batches), last)
-            totals.add(out, batch)
+            totals.add(out, batch["input_ids"].numel())
         grad_norm, applied = self._optimizer_step(lr, only_new)
-        return totals.result(self.topology, grad_norm, applied)
+        shape = self.module.router_stats_shape() if hasattr(self.module, "router_stats_shape") else None
+        flat = self.topology.dp_all_reduce(totals.pack(shape, self.topology.device))
+        return StepTotals.unpack(flat, shape, shares, grad_norm, applied)
 
     @torch.no_grad()
     def eval_step(self, batch: dict) -> tuple[float, int]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from models.base import embed_inputs
 
 from . import optimizer_state
 from .distributed import LayoutError, Topology
-from .engine import StepResult, _model_inputs, global_targets, import_deepspeed, set_learning_rates
+from .engine import StepResult, StepTotals, _model_inputs, global_targets, import_deepspeed, set_learning_rates
 from .optim import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -151,22 +152,14 @@ class PipelineObjective:
         self.reset()
 
     def reset(self):
-        self.cross_entropy = torch.zeros((), dtype=torch.float64)
-        self.aux = None
-        self.counts = None
+        self.totals = StepTotals()
         self.finite = True
 
     def __call__(self, outputs, labels):
         hidden, _, _, router_stats = unpack(outputs)
         shift_labels, num_items, aux_weight = labels
         out = self.head_model.output(hidden, router_stats, shift_labels, num_items, aux_weight)
-        self.cross_entropy = self.cross_entropy.to(hidden.device) + out.cross_entropy.detach().double()
-        if out.aux_loss is not None:
-            aux = out.aux_loss.detach().double()
-            self.aux = aux if self.aux is None else self.aux + aux
-        if out.expert_counts is not None:
-            counts = out.expert_counts.double()
-            self.counts = counts if self.counts is None else self.counts + counts
+        self.totals.add(out, shift_labels.numel())
         self.finite = self.finite and bool(torch.isfinite(out.loss.detach()))
         return out.loss * self.scale
 
@@ -266,8 +259,6 @@ class PipelineEngine:
     def _time_compute(self) -> None:
         """Time spent computing (forward and backward passes) per step, so that the pipeline's idle share
         (bubble and waiting on the neighbouring stages) can be measured against the theoretical one."""
-        import time
-
         for name in ("_exec_forward_pass", "_exec_backward_pass"):
             original = getattr(self.engine, name)
 
@@ -298,48 +289,33 @@ class PipelineEngine:
     def train_step(self, micro_batches: list[dict], lr: float, only_new: bool = False) -> StepResult:
         self._same_shapes(micro_batches[0])
         targets = global_targets(micro_batches, self.topology)
-        aux_weight = 1.0 / (len(micro_batches) * self.topology.dp_size)
+        shares = len(micro_batches) * self.topology.dp_size
         set_learning_rates(self.optimizer, lr, only_new)
         self.objective.reset()
         # DeepSpeed divides the loss by the micro-batches and averages gradients over replicas; the
         # objective is the sum over both
-        self.objective.scale = len(micro_batches) * self.topology.dp_size
-        import time
-
+        self.objective.scale = shares
         self._busy, start = 0.0, time.perf_counter()
-        self.engine.train_batch(data_iter=self._batches(micro_batches, targets, aux_weight))
+        self.engine.train_batch(data_iter=self._batches(micro_batches, targets, 1.0 / shares))
         idle = torch.tensor([1.0 - self._busy / (time.perf_counter() - start)], device=self.topology.device)
         idle = float(self.topology.all_reduce(idle)) / self.topology.world_size
         stages, m = self.engine.num_stages, len(micro_batches)
         pipeline_metrics = {"pipeline_idle": idle, "pipeline_bubble_theory": (stages - 1) / (m + stages - 1)}
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        tokens = sum(b["input_ids"].numel() for b in micro_batches)
-        values = self._from_last_stage(tokens)
-        aux = values["aux"] / (len(micro_batches) * self.topology.dp_size) if values["aux"] is not None else None
+        result = StepTotals.unpack(self._from_last_stage(self.objective.totals), self.module.router_stats_shape(),
+                                   shares, norm, math.isfinite(norm), pipeline_metrics)
         if self._bad_step:
-            return StepResult(float("nan"), aux, float("nan"), False, values["tokens"], values["counts"],
-                              pipeline_metrics)
-        return StepResult(values["cross_entropy"], aux, norm, math.isfinite(norm), values["tokens"], values["counts"],
-                          pipeline_metrics)
+            result.loss, result.grad_norm, result.applied = float("nan"), float("nan"), False
+        return result
 
-    def _from_last_stage(self, tokens: int) -> dict:
+    def _from_last_stage(self, totals: StepTotals) -> torch.Tensor:
         """The last stage's sums of this step, summed over replicas and sent to every stage."""
-        shape = self.module.router_stats_shape()
-        size = 3 + (shape[0] * shape[1] if shape else 0)
-        flat = torch.zeros(size, dtype=torch.float64, device=self.topology.device)
+        flat = totals.pack(self.module.router_stats_shape(), self.topology.device)
         if self.engine.is_last_stage():
-            flat[0] = self.objective.cross_entropy
-            flat[1] = float(tokens)
-            if self.objective.aux is not None:
-                flat[2] = self.objective.aux
-                flat[3:] = self.objective.counts.reshape(-1)
             self.topology.dp_all_reduce(flat)
         dist.broadcast(flat, src=self.last_stage_rank, group=self.engine.grid.get_pipe_parallel_group())
-        flat = flat.cpu()
-        return {"cross_entropy": float(flat[0]), "tokens": int(flat[1]),
-                "aux": float(flat[2]) if shape else None,
-                "counts": flat[3:].reshape(shape).float() if shape else None}
+        return flat
 
     @torch.no_grad()
     def eval_step(self, batch: dict) -> tuple[float, int]:
@@ -352,11 +328,9 @@ class PipelineEngine:
         self.engine.train()
         from models.loss import count_targets
 
-        values = torch.zeros(1, dtype=torch.float64, device=self.topology.device)
-        if self.engine.is_last_stage():
-            values[0] = self.objective.cross_entropy
-        dist.broadcast(values, src=self.last_stage_rank, group=self.engine.grid.get_pipe_parallel_group())
-        return float(values[0]), int(count_targets(batch["shift_labels"]))
+        flat = self.objective.totals.pack(None, self.topology.device)  # not summed over replicas: the loop does
+        dist.broadcast(flat, src=self.last_stage_rank, group=self.engine.grid.get_pipe_parallel_group())
+        return float(flat[0]), int(count_targets(batch["shift_labels"]))
 
     # ------------------------------------------------------------------ checkpoints
     def export_state_dict(self) -> dict[str, torch.Tensor]:

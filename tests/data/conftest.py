@@ -91,3 +91,12 @@ def smollm_without_readme(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SMOLPRETRAIN_CACHE", str(tmp_path / "cache"))
+
+
+def read_all(stream) -> list:
+    """Every document of a finite stream, then close it."""
+    docs = []
+    while (doc := stream.next_document()) is not None:
+        docs.append(doc)
+    stream.close()
+    return docs

@@ -12,15 +12,7 @@ import pytest
 from data import DataError, DocumentStream, SourceConfig
 from data.sources import open_dataset
 
-from .conftest import DOCS_PER_SHARD, FINEMATH_DOCS, SHARDS, build_finemath
-
-
-def _all(stream) -> list:
-    docs = []
-    while (doc := stream.next_document()) is not None:
-        docs.append(doc)
-    stream.close()
-    return docs
+from .conftest import DOCS_PER_SHARD, FINEMATH_DOCS, SHARDS, build_finemath, read_all
 
 
 @pytest.mark.parametrize("config", ["cosmopedia-v2", "fineweb-edu-dedup"])
@@ -29,13 +21,13 @@ def test_data_dir_is_read_instead_of_the_hub(smollm, smollm_without_readme, conf
     expected = SHARDS[config] * DOCS_PER_SHARD - (2 if config == "fineweb-edu-dedup" else 0)  # 2 empty in fineweb
     for copy in (smollm, smollm_without_readme):
         source = SourceConfig(config, "HuggingFaceTB/smollm-corpus", config=config, data_dir=str(copy))
-        docs = _all(DocumentStream(source, endless=False))
+        docs = read_all(DocumentStream(source, endless=False))
         assert len(docs) == expected and all(d.startswith(f"[{config} ") for d in docs), copy
 
 
 def test_without_readme_the_same_documents_in_the_same_order(smollm, smollm_without_readme):
-    with_readme = _all(DocumentStream(SourceConfig("c", str(smollm), config="cosmopedia-v2"), endless=False))
-    without = _all(DocumentStream(SourceConfig("c", str(smollm_without_readme), config="cosmopedia-v2"), endless=False))
+    with_readme = read_all(DocumentStream(SourceConfig("c", str(smollm), config="cosmopedia-v2"), endless=False))
+    without = read_all(DocumentStream(SourceConfig("c", str(smollm_without_readme), config="cosmopedia-v2"), endless=False))
     assert without == with_readme
 
 
@@ -57,7 +49,7 @@ def test_a_folder_copied_alone(tmp_path):
     """Only finemath's finemath-4plus folder, no README: what `--include 'finemath-4plus/*'` gives."""
     build_finemath(tmp_path / "finemath")
     source = SourceConfig("finemath", "HuggingFaceTB/finemath", config="finemath-4plus", data_dir=str(tmp_path / "finemath"))
-    docs = _all(DocumentStream(source, endless=False))
+    docs = read_all(DocumentStream(source, endless=False))
     assert len(docs) == FINEMATH_DOCS and all(d.startswith("[finemath ") for d in docs)
 
 
@@ -65,7 +57,7 @@ def test_a_directory_of_files_with_a_readme_that_lists_no_configs(tmp_path):
     (tmp_path / "README.md").write_text("# my corpus\nNotes, not data.\n")
     for i in range(2):
         pq.write_table(pa.table({"text": [f"doc {i}-{j}" for j in range(3)]}), tmp_path / f"part-{i}.parquet")
-    docs = _all(DocumentStream(SourceConfig("mine", str(tmp_path)), endless=False))
+    docs = read_all(DocumentStream(SourceConfig("mine", str(tmp_path)), endless=False))
     assert sorted(docs) == [f"doc {i}-{j}" for i in range(2) for j in range(3)]
 
 
@@ -94,7 +86,7 @@ def test_parquet_files_whose_other_columns_differ_are_read(tmp_path):
     _parquet(tmp_path / "c.parquet", [f"c{i} text" for i in range(n)])
     source = SourceConfig("files", str(tmp_path / "*.parquet"))
     assert open_dataset(source).column_names == ["text"]  # only the text column is read
-    docs = _all(DocumentStream(source, endless=False))
+    docs = read_all(DocumentStream(source, endless=False))
     assert sorted(docs) == sorted(f"{p}{i} text" for p in "abc" for i in range(n))
 
 
@@ -118,4 +110,4 @@ def test_json_files_whose_columns_differ_are_a_clear_error(tmp_path):
     stream = DocumentStream(SourceConfig("j", str(tmp_path / "*.jsonl")), endless=False)
     with pytest.raises(DataError, match=r"source 'j': its files do not all have the same columns .*Give one source per "
                                         r"kind of file"):
-        _all(stream)
+        read_all(stream)

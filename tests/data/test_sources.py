@@ -13,20 +13,12 @@ import pytest
 from data import BUILTIN_PYTHON_STDLIB, DataError, DocumentStream, SourceConfig
 from data.swh import SoftwareHeritageFetcher
 
-from .conftest import DOCS_PER_SHARD, SHARDS
-
-
-def _all(stream) -> list:
-    docs = []
-    while (doc := stream.next_document()) is not None:
-        docs.append(doc)
-    stream.close()
-    return docs
+from .conftest import DOCS_PER_SHARD, SHARDS, read_all
 
 
 @pytest.mark.parametrize("config", ["cosmopedia-v2", "fineweb-edu-dedup"])
 def test_replica_streams_through_datasets(smollm, config):
-    docs = _all(DocumentStream(SourceConfig(config, str(smollm), config=config), endless=False))
+    docs = read_all(DocumentStream(SourceConfig(config, str(smollm), config=config), endless=False))
     skipped = 2 if config == "fineweb-edu-dedup" else 0  # the empty and the whitespace-only document
     assert len(docs) == SHARDS[config] * DOCS_PER_SHARD - skipped
     assert all(d.startswith(f"[{config} ") for d in docs)
@@ -34,7 +26,7 @@ def test_replica_streams_through_datasets(smollm, config):
 
 def test_empty_and_whitespace_documents_are_skipped_and_counted(smollm):
     stream = DocumentStream(SourceConfig("fw", str(smollm), config="fineweb-edu-dedup"), endless=False)
-    _all(stream)
+    read_all(stream)
     assert stream.stats.skipped_empty == 2
 
 
@@ -46,7 +38,7 @@ def test_missing_text_column_is_a_clear_error(smollm):
 
 
 def test_local_python_edu_copy_with_text(smollm_with_python_text):
-    docs = _all(DocumentStream(SourceConfig("py", str(smollm_with_python_text), config="python-edu"), endless=False))
+    docs = read_all(DocumentStream(SourceConfig("py", str(smollm_with_python_text), config="python-edu"), endless=False))
     assert len(docs) == SHARDS["python-edu"] * DOCS_PER_SHARD
 
 
@@ -74,11 +66,11 @@ def test_python_edu_fetches_caches_and_counts_failures(smollm, tmp_path):
     source = SourceConfig("py", str(smollm), config="python-edu", fetch="softwareheritage")
     fetcher = SoftwareHeritageFetcher(tmp_path / "swh", client=s3)
     stream = DocumentStream(source, endless=False, fetcher=fetcher)
-    docs = _all(stream)
+    docs = read_all(stream)
     assert len(docs) == len(known) and stream.stats.skipped_fetch == len(blobs) - len(known)
     assert all(d.startswith("def f") for d in docs)
     calls = s3.calls
-    again = _all(DocumentStream(source, endless=False, fetcher=SoftwareHeritageFetcher(tmp_path / "swh", client=s3)))
+    again = read_all(DocumentStream(source, endless=False, fetcher=SoftwareHeritageFetcher(tmp_path / "swh", client=s3)))
     assert again == docs
     assert s3.calls - calls == len(blobs) - len(known)  # the fetched ones came from the disk cache
 
@@ -121,10 +113,10 @@ def test_local_files_jsonl_txt_and_globs(tmp_path):
     (tmp_path / "t").mkdir()
     for i in range(3):
         (tmp_path / "t" / f"{i}.txt").write_bytes(f"text file {i}\nsecond line\n".encode() + b"\xff\xfe latin-1 \xe9")
-    jsonl = _all(DocumentStream(SourceConfig("j", str(tmp_path / "a.jsonl")), endless=False))
+    jsonl = read_all(DocumentStream(SourceConfig("j", str(tmp_path / "a.jsonl")), endless=False))
     assert jsonl[:5] == [f"json doc {i}" for i in range(5)]
     assert jsonl[5].startswith("bad bytes") and "\ufffd" in jsonl[5]
-    txt = _all(DocumentStream(SourceConfig("t", str(tmp_path / "t" / "*.txt")), endless=False))
+    txt = read_all(DocumentStream(SourceConfig("t", str(tmp_path / "t" / "*.txt")), endless=False))
     assert len(txt) == 3 and all("second line" in d for d in txt)  # one document per file
     with pytest.raises(DataError, match=r"source 'x': no files match '.*nothing-\*.parquet'; set its path "
                                         r"\(data.sources.N.path=...\)"):
@@ -142,8 +134,8 @@ def test_builtin_corpus_needs_no_download_and_survives_non_utf8():
 def test_nodes_partition_the_stream(smollm, num_nodes):
     """Ranks x workers: every document exactly once over all nodes, shards dividing or not."""
     source = SourceConfig("fw", str(smollm), config="fineweb-edu-dedup")
-    everything = _all(DocumentStream(source, endless=False))
-    parts = [_all(DocumentStream(source, node, num_nodes, endless=False)) for node in range(num_nodes)]
+    everything = read_all(DocumentStream(source, endless=False))
+    parts = [read_all(DocumentStream(source, node, num_nodes, endless=False)) for node in range(num_nodes)]
     union = [d for part in parts for d in part]
     assert sorted(union) == sorted(everything) and len(set(union)) == len(union)
 
