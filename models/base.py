@@ -35,7 +35,14 @@ from .checkpoint import (
 )
 from .configuration import ModelConfig
 from .layers import CausalLMOutput, RMSNorm, RotaryEmbedding, init_normal
-from .loss import count_targets, cross_entropy_sum, objective, shift_labels_of
+from .loss import (
+    chunk_loss_and_grads,
+    count_targets,
+    cross_entropy_sum,
+    linear_cross_entropy_sum,
+    objective,
+    shift_labels_of,
+)
 from .moe import RouterStats, expert_counts, new_router_stats, record_router_stats
 
 logger = logging.getLogger(__name__)
@@ -94,6 +101,22 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(hidden_size, eps=norm_eps)
 
 
+class LMHead(nn.Linear):
+    """The LM head. Given targets it returns their summed cross-entropy computed chunk by chunk,
+    without the full logits (`models.loss.linear_cross_entropy_sum`); it is called as a module either
+    way, so hooks that gather the weight around a module's forward (DeepSpeed ZeRO-3) see the call.
+    `chunk_fn` is the per-chunk maths, which `torch.compile` may replace (train/parallelize.py)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+        self.chunk_fn = chunk_loss_and_grads
+
+    def forward(self, hidden: torch.Tensor, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if shift_labels is None:
+            return super().forward(hidden)
+        return linear_cross_entropy_sum(hidden, self.weight, shift_labels, chunk_fn=self.chunk_fn)
+
+
 class CausalLM(nn.Module):
     """`self.model` (a `DecoderModel`) holds the embedding, the layers and the final norm;
     `self.lm_head` turns hidden states into logits. Key names follow transformers (`model.*`,
@@ -107,7 +130,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = DecoderModel(config.vocab_size, config.hidden_size, config.pad_token_id, layers,
                                   norm_eps=config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         self.tie_weights()
 
     # ------------------------------------------------------------------ subclass hooks
@@ -141,16 +164,20 @@ class CausalLM(nn.Module):
         return hidden, position_ids, segment_ids, router_stats
 
     def head(self, hidden: torch.Tensor, router_stats: torch.Tensor | None = None,
-             shift_labels: torch.Tensor | None = None, num_items_in_batch=None, aux_weight: float = 1.0
-             ) -> CausalLMOutput:
+             shift_labels: torch.Tensor | None = None, num_items_in_batch=None, aux_weight: float = 1.0,
+             return_logits: bool | None = None) -> CausalLMOutput:
         """Final norm, logits, and (with labels) the objective of `models.loss`."""
-        return self.output(self.model.norm(hidden), router_stats, shift_labels, num_items_in_batch, aux_weight)
+        return self.output(self.model.norm(hidden), router_stats, shift_labels, num_items_in_batch, aux_weight,
+                           return_logits)
 
     def output(self, normed: torch.Tensor, router_stats: torch.Tensor | None = None,
-               shift_labels: torch.Tensor | None = None, num_items_in_batch=None, aux_weight: float = 1.0
-               ) -> CausalLMOutput:
-        """The head after the final norm: logits, aux loss, and with labels the objective."""
-        logits = self.lm_head(normed)
+               shift_labels: torch.Tensor | None = None, num_items_in_batch=None, aux_weight: float = 1.0,
+               return_logits: bool | None = None) -> CausalLMOutput:
+        """The head after the final norm: logits, aux loss, and with labels the objective. With labels
+        the cross-entropy is computed without full logits and `logits` is None unless return_logits."""
+        if return_logits is None:
+            return_logits = shift_labels is None
+        logits = self.lm_head(normed) if return_logits else None
         aux = None if router_stats is None else self.aux_loss(router_stats)
         counts = None if router_stats is None else expert_counts(router_stats).detach()
         loss = cross_entropy = None
@@ -158,8 +185,9 @@ class CausalLM(nn.Module):
             if num_items_in_batch is None:
                 num_items_in_batch = count_targets(shift_labels)
             if torch.is_tensor(num_items_in_batch):
-                num_items_in_batch = num_items_in_batch.to(logits.device)
-            cross_entropy = cross_entropy_sum(logits, shift_labels) / num_items_in_batch
+                num_items_in_batch = num_items_in_batch.to(normed.device)
+            summed = cross_entropy_sum(logits, shift_labels) if return_logits else self.lm_head(normed, shift_labels)
+            cross_entropy = summed / num_items_in_batch
             loss = objective(cross_entropy, aux, self.aux_loss_coef, aux_weight)
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux, cross_entropy=cross_entropy,
                               expert_counts=counts)
@@ -173,16 +201,19 @@ class CausalLM(nn.Module):
         shift_labels: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         aux_weight: float = 1.0,
+        return_logits: bool | None = None,
     ) -> CausalLMOutput:
         """input_ids (B, S); labels (B, S) unshifted, -100 = ignore, or shift_labels (B, S) already
         shifted (target of position t); attention_mask (B, S) 1 = real token; position_ids (B or 1, S),
         default 0..S-1 (restarting positions mark packed documents, which then do not attend to each
         other). With labels, `loss` is the objective of `models.loss` (cross-entropy over
-        `num_items_in_batch` targets, default this batch's, plus aux_coef · aux_weight · aux_loss)."""
+        `num_items_in_batch` targets, default this batch's, plus aux_coef · aux_weight · aux_loss).
+        `logits` are returned without labels, and with labels only if return_logits=True (the loss is
+        then computed chunk by chunk, never holding all logits)."""
         if labels is not None and shift_labels is None:
             shift_labels = shift_labels_of(labels)
         hidden, _, _, router_stats = self.decoder(*self.embed(input_ids, attention_mask, position_ids))
-        return self.head(hidden, router_stats, shift_labels, num_items_in_batch, aux_weight)
+        return self.head(hidden, router_stats, shift_labels, num_items_in_batch, aux_weight, return_logits)
 
     # ------------------------------------------------------------------ tied embeddings
     def tied_weight_keys(self) -> set[str]:

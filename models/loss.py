@@ -60,3 +60,81 @@ def objective(cross_entropy: torch.Tensor, aux_loss: torch.Tensor | None, aux_co
     if aux_loss is None or not aux_coef:
         return cross_entropy
     return cross_entropy + aux_coef * aux_weight * aux_loss.to(cross_entropy.device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The LM head and cross-entropy fused, in chunks of tokens
+#
+# Full logits cost tokens × vocab × 4 bytes in fp32 (GLM-4's 151552-token vocabulary at 8192 tokens:
+# 5 GB), and autograd keeps them, their fp32 copy and their gradient alive at once. Here each chunk of
+# tokens computes its logits, its loss terms and, when a gradient is wanted, the gradients of the
+# hidden states and of the head weight right away (softmax − one-hot is all the backward needs), then
+# drops the chunk. The backward only scales the stored gradients by the incoming (scalar) gradient.
+# The same idea as liger-kernel's fused linear cross-entropy and torchtitan's/OLMo-core's chunked loss.
+
+# Rows per chunk: enough that the chunk's fp32 logits stay near this many bytes.
+CHUNK_BYTES = 64 * 1024**2
+
+
+def chunk_rows(vocab_size: int, budget: int = CHUNK_BYTES) -> int:
+    return max(64, budget // (4 * vocab_size))
+
+
+def chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_grad: bool):
+    """One chunk: (Σ cross-entropy over targets ≠ IGNORE_INDEX, d loss/d hidden, d loss/d weight) in
+    the matmul dtype of `hidden`/`weight` (fp32 logits and softmax). Gradients are None without
+    need_grad. A separate function so that `torch.compile` can fuse it (see train/parallelize.py)."""
+    logits = (hidden @ weight.t()).float()
+    valid = targets != IGNORE_INDEX
+    safe_targets = torch.where(valid, targets, 0).unsqueeze(1)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = ((lse - logits.gather(1, safe_targets).squeeze(1)) * valid).sum()
+    if not need_grad:
+        return loss, None, None
+    # softmax − one-hot, rows of ignored targets zeroed: d (Σ loss) / d logits
+    grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
+    grad_logits.scatter_add_(1, safe_targets, torch.full_like(safe_targets, -1, dtype=grad_logits.dtype))
+    grad_logits.mul_(valid.unsqueeze(1))
+    grad_logits = grad_logits.to(hidden.dtype)
+    return loss, grad_logits @ weight, grad_logits.t() @ hidden
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, need_grad: bool, rows: int, chunk_fn):
+        device_type = hidden.device.type
+        # Under autocast the matmuls run in the autocast dtype, as nn.Linear's would; autocast itself is
+        # off inside so that the fp32 accumulations below stay fp32.
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        with torch.autocast(device_type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty_like(h) if need_grad else None
+            grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
+            for start in range(0, h.shape[0], rows):
+                end = min(start + rows, h.shape[0])
+                part, grad_h, grad_w = chunk_fn(h[start:end], w, targets[start:end], need_grad)
+                loss += part
+                if need_grad:
+                    grad_hidden[start:end] = grad_h
+                    grad_weight += grad_w
+        if need_grad:
+            ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
+                None, None, None, None)
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, shift_labels: torch.Tensor,
+                             rows: int | None = None, chunk_fn=chunk_loss_and_grads) -> torch.Tensor:
+    """Σ cross_entropy(hidden @ weight.T, shift_labels) over targets ≠ IGNORE_INDEX (fp32), equal to
+    `cross_entropy_sum(lm_head(hidden), shift_labels)` without holding the full logits."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, need_grad, rows or chunk_rows(weight.shape[0]),
+                                        chunk_fn)

@@ -5,7 +5,9 @@ same decoder-layer contract (`models.base.DecoderLayer`)."""
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
+from pathlib import Path
 
 from torch import nn
 
@@ -21,11 +23,30 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layer.forward = partial(recompute, layer.forward, use_reentrant=False)
 
 
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled kernels and graphs between runs: TORCHINDUCTOR_CACHE_DIR if set,
+    else next to our other caches (SMOLPRETRAIN_CACHE, default ~/.cache/smolpretrain) instead of
+    torch's /tmp default, which does not survive a reboot or a cleaned /tmp on a cluster node."""
+    from data.tokenizer import default_cache_dir
+
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(default_cache_dir() / "inductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
 def apply_compile(model: nn.Module) -> None:
     """torch.compile each decoder layer separately (small graphs that compile once and are reused by
-    every layer of the same shape)."""
+    every layer of the same shape), and the chunked loss's per-chunk maths, torchtitan-style. Whole-model
+    compilation would recompile for each pipeline stage and every change of layer count; per-layer
+    graphs are shared, and the cache makes the second run's compile a lookup."""
+    import torch
+
+    logger.info("torch.compile per decoder layer and loss chunk; inductor cache in %s", compile_cache_dir())
     for layer in model.model.layers.values():
         layer.compile()
+    head = getattr(model, "lm_head", None)
+    if head is not None and hasattr(head, "chunk_fn"):
+        head.chunk_fn = torch.compile(head.chunk_fn)
 
 
 def parallelize(model: nn.Module, run) -> None:

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import yaml
 
 from models import build as build_model
+
+PRESETS = Path(__file__).resolve().parents[2] / "configs" / "model"
+
+
+def preset_values(name: str) -> dict:
+    """A model preset's keys, as configs/model/<name>.yaml states them."""
+    return yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
+
+
+def preset_model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(preset_values(name))
 
 
 def perturb(model: torch.nn.Module, seed: int = 1) -> None:

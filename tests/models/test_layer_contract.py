@@ -46,8 +46,8 @@ def test_two_stages_compute_the_model(case):
         boundary = first.decoder(*first.embed(ids, position_ids=positions))
         assert all(t is None or isinstance(t, torch.Tensor) for t in boundary)  # only tensors cross
         hidden, _, _, router_stats = last.decoder(*boundary)
-        staged = last.head(hidden, router_stats, shift_labels=ids)
-        whole = model(ids, position_ids=positions, shift_labels=ids)
+        staged = last.head(hidden, router_stats, shift_labels=ids, return_logits=True)
+        whole = model(ids, position_ids=positions, shift_labels=ids, return_logits=True)
     assert torch.equal(staged.logits, whole.logits)
     assert torch.equal(staged.loss, whole.loss)
     if whole.aux_loss is not None:  # the routers of both stages reach the aux loss

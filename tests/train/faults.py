@@ -25,7 +25,7 @@ if FAULT == "kill-after-checkpoint":
 
     checkpoint.save = _save_then_die
 elif FAULT == "nan-after":
-    _cross_entropy_sum = models.base.cross_entropy_sum
+    _cross_entropy_sum = models.base.linear_cross_entropy_sum
     _calls = [0]
 
     def _poisoned(*args, **kwargs):
@@ -33,7 +33,7 @@ elif FAULT == "nan-after":
         value = _cross_entropy_sum(*args, **kwargs)
         return value * float("nan") if _calls[0] > N else value
 
-    models.base.cross_entropy_sum = _poisoned
+    models.base.linear_cross_entropy_sum = _poisoned
 else:
     raise SystemExit(f"unknown fault {FAULT!r}")
 

@@ -119,7 +119,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
     from .conftest import compose
 
-    real = models.base.cross_entropy_sum
+    real = models.base.linear_cross_entropy_sum
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -127,7 +127,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] > 6 else value  # micro-steps 7+ (steps 4+) are NaN
 
-    monkeypatch.setattr(models.base, "cross_entropy_sum", poisoned)
+    monkeypatch.setattr(models.base, "linear_cross_entropy_sum", poisoned)
     out = tmp_path / "run"
     run = validate(compose([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=20", "trainer.save_every=2",
                             "trainer.max_bad_steps=3"]))

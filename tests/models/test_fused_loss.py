@@ -1,0 +1,98 @@
+"""The chunked LM head + cross-entropy (models.loss.linear_cross_entropy_sum) against the plain path:
+full logits from nn.Linear, then F.cross_entropy. Same loss and gradients, in every way it is called."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.loss import IGNORE_INDEX, linear_cross_entropy_sum
+from tests.models.helpers import perturb, preset_model
+
+
+def plain_sum(hidden, weight, targets):
+    logits = (hidden @ weight.t()).float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def inputs(tokens=37, dim=16, vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g) / dim**0.5
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    targets[::5] = IGNORE_INDEX
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("rows", [1, 8, 37, 64])  # one row, uneven chunks, exactly one chunk, larger than the input
+def test_loss_and_gradients_equal_the_plain_path(rows):
+    hidden, weight, targets = inputs()
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    fused = linear_cross_entropy_sum(h1, w1, targets, rows=rows)
+    plain = plain_sum(h2, w2, targets)
+    # a non-unit upstream gradient: the backward scales the gradients computed in the forward
+    (fused * 0.37).backward()
+    (plain * 0.37).backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_all_targets_ignored_gives_zero_loss_and_gradient():
+    hidden, weight, targets = inputs()
+    targets[:] = IGNORE_INDEX
+    h = hidden.clone().requires_grad_()
+    loss = linear_cross_entropy_sum(h, weight, targets, rows=8)
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().max().item() == 0.0
+
+
+def test_no_grad_computes_no_gradients():
+    hidden, weight, targets = inputs()
+    with torch.no_grad():
+        loss = linear_cross_entropy_sum(hidden.requires_grad_(), weight, targets, rows=8)
+    torch.testing.assert_close(loss, plain_sum(hidden.detach(), weight, targets))
+    assert not loss.requires_grad
+
+
+def test_bf16_autocast_is_as_accurate_as_an_autocast_linear():
+    """Under bf16 autocast both paths run bf16 matmuls; measured against fp32, the chunked one (which
+    accumulates the weight gradient in fp32) is no less accurate than nn.Linear + cross-entropy."""
+    hidden, weight, targets = inputs(tokens=64, dim=32, vocab=300)
+    grads = {}
+    for name, bf16 in [("fused", True), ("plain", True), ("fp32", False)]:
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = (linear_cross_entropy_sum(h, w, targets, rows=16) if name == "fused" else plain_sum(h, w, targets))
+        loss.backward()
+        grads[name] = (loss.detach(), h.grad, w.grad)
+    assert grads["fused"][1].dtype == torch.float32 and grads["fused"][2].dtype == torch.float32
+    for i in range(3):
+        fused_error = (grads["fused"][i] - grads["fp32"][i]).abs().max()
+        plain_error = (grads["plain"][i] - grads["fp32"][i]).abs().max()
+        assert fused_error <= 1.5 * plain_error + 1e-6, (i, fused_error, plain_error)
+
+
+@pytest.mark.parametrize("preset", ["doge-tiny", "doge-tiny-moe", "glm4-tiny", "jetmoe-tiny"])
+def test_model_loss_and_parameter_gradients_equal_the_logits_path(preset):
+    """model(labels=...) (chunked, tied embeddings included) against the same model asked for its logits."""
+    model = preset_model(preset)
+    perturb(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = IGNORE_INDEX
+    fused = model(ids, labels=labels)
+    assert fused.logits is None
+    fused.loss.backward()
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    plain = model(ids, labels=labels, return_logits=True)
+    assert plain.logits.shape == (2, 12, model.config.vocab_size)
+    plain.loss.backward()
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-6, atol=1e-6)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
