@@ -62,7 +62,10 @@ def test_pipeline_checkpoint_is_one_hugging_face_directory(moe_runs):
     single = models.from_pretrained(moe_runs / "single" / "checkpoints" / f"step-{STEPS}")
     piped = models.from_pretrained(moe_runs / "piped" / "checkpoints" / f"step-{STEPS}")
     for (name, a), (_, b) in zip(single.state_dict().items(), piped.state_dict().items()):
-        assert torch.allclose(a, b, atol=1e-5), name
+        # fp32 sums in another order give gradients equal to ~1e-7; Adam divides by sqrt(v), which for
+        # weights with tiny gradients turns that into update differences of up to ~1e-5 over 10 steps
+        # (the per-step losses above agree within 2e-5). A wrong stage or shard would be off by ~lr = 1e-3.
+        assert torch.allclose(a, b, atol=5e-5), name
     saved = torch.load(moe_runs / "piped" / "checkpoints" / f"step-{STEPS}" / "trainer_state" / "optimizer.pt",
                        weights_only=True)
     assert saved["format"] == "adamw-by-name" and set(saved["state"]) == {n for n, _ in single.named_parameters()}
