@@ -50,8 +50,16 @@ def moe_runs(tmp_path_factory, cache_dir):
 
 def test_moe_pipeline_equals_one_process(moe_runs):
     _compare(moe_runs / "single", moe_runs / "piped")
-    last = metrics(moe_runs / "piped")[-1]
-    assert last["expert_load_max"] == pytest.approx(metrics(moe_runs / "single")[-1]["expert_load_max"], abs=1e-6)
+    single, piped = metrics(moe_runs / "single"), metrics(moe_runs / "piped")
+    # Routing is discrete: fp32 sums in another order (stage boundaries) can swap two near-tied
+    # experts of one token once the weights have moved. The first step runs on equal weights, so its
+    # picks are equal; later steps may differ by one pick: 8 x 64 tokens x 8 picks over 64 experts is
+    # 64 picks per expert on average, so one pick moves the 2-router mean of the max share by 1/128.
+    one_pick = 1 / (2 * 64)
+    assert piped[0]["expert_load_max"] == single[0]["expert_load_max"]
+    for a, b in zip(single, piped):
+        assert abs(a["expert_load_max"] - b["expert_load_max"]) <= one_pick + 1e-9, (a["step"], a, b)
+    last = piped[-1]
     assert len(last["expert_load"]) == 2  # both layers' routers, from both stages
     assert losses(moe_runs / "piped")[STEPS] < losses(moe_runs / "piped")[1]
 
@@ -61,11 +69,16 @@ def test_pipeline_checkpoint_is_one_hugging_face_directory(moe_runs):
 
     single = models.from_pretrained(moe_runs / "single" / "checkpoints" / f"step-{STEPS}")
     piped = models.from_pretrained(moe_runs / "piped" / "checkpoints" / f"step-{STEPS}")
+    differences = []
     for (name, a), (_, b) in zip(single.state_dict().items(), piped.state_dict().items()):
         # fp32 sums in another order give gradients equal to ~1e-7; Adam divides by sqrt(v), which for
-        # weights with tiny gradients turns that into update differences of up to ~1e-5 over 10 steps
-        # (the per-step losses above agree within 2e-5). A wrong stage or shard would be off by ~lr = 1e-3.
-        assert torch.allclose(a, b, atol=5e-5), name
+        # weights with tiny gradients turns that into update differences of up to ~1e-5 over 10 steps,
+        # and a few rows of an expert table read by a token whose near-tied picks swapped reach ~7e-5
+        # (seen on an AVX-512 machine; the per-step losses above agree within 2e-5). A wrong stage or
+        # shard would be off by ~lr = 1e-3 in whole tensors.
+        assert torch.allclose(a, b, rtol=0, atol=2e-4), (name, float((a - b).abs().max()))
+        differences.append((a - b).abs().flatten())
+    assert float(torch.cat(differences).mean()) < 1e-6  # measured 4e-8: the bulk of the weights agree
     saved = torch.load(moe_runs / "piped" / "checkpoints" / f"step-{STEPS}" / "trainer_state" / "optimizer.pt",
                        weights_only=True)
     assert saved["format"] == "adamw-by-name" and set(saved["state"]) == {n for n, _ in single.named_parameters()}
