@@ -36,7 +36,7 @@ from .checkpoint import (
 from .configuration import ModelConfig
 from .layers import CausalLMOutput, RMSNorm, RotaryEmbedding, init_normal
 from .loss import (
-    chunk_loss_and_grads,
+    chunk_loss_and_grad_logits,
     count_targets,
     cross_entropy_sum,
     linear_cross_entropy_sum,
@@ -109,7 +109,7 @@ class LMHead(nn.Linear):
 
     def __init__(self, hidden_size: int, vocab_size: int):
         super().__init__(hidden_size, vocab_size, bias=False)
-        self.chunk_fn = chunk_loss_and_grads
+        self.chunk_fn = chunk_loss_and_grad_logits
 
     def forward(self, hidden: torch.Tensor, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
         if shift_labels is None:

@@ -50,6 +50,22 @@ def test_all_targets_ignored_gives_zero_loss_and_gradient():
     assert loss.item() == 0.0 and h.grad.abs().max().item() == 0.0
 
 
+def test_a_second_backward_is_refused_not_scaled_twice():
+    hidden, weight, targets = inputs()
+    loss = linear_cross_entropy_sum(hidden.clone().requires_grad_(), weight, targets, rows=8)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot be backpropagated twice"):
+        loss.backward()
+
+
+def test_no_tokens_give_zero_loss_and_gradients():
+    hidden, weight, targets = inputs(tokens=0)
+    w = weight.clone().requires_grad_()
+    loss = linear_cross_entropy_sum(hidden.requires_grad_(), w, targets, rows=8)
+    loss.backward()
+    assert loss.item() == 0.0 and w.grad.abs().max().item() == 0.0
+
+
 def test_no_grad_computes_no_gradients():
     hidden, weight, targets = inputs()
     with torch.no_grad():

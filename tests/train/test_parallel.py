@@ -34,7 +34,7 @@ def test_two_ranks_match_one_process(parallel, reference, tmp_path, env):
 
 
 def test_compiled_layers_with_activation_checkpointing_under_zero2_match_one_eager_process(reference, tmp_path, env):
-    """trainer.compile=true (each decoder layer and the loss chunks compiled) composes with activation
+    """trainer.compile=true (each decoder layer compiled; the loss chunk too on CUDA) composes with activation
     checkpointing and DeepSpeed ZeRO-2 across two ranks: the same losses as the eager single process."""
     run_train([*OVERRIDES, "parallel=zero2", "trainer.compile=true", "trainer.activation_checkpointing=true",
                f"trainer.output_dir={tmp_path}"], env, nproc=2)
