@@ -230,23 +230,33 @@ class PipelineEngine:
                     out.append((name, param))
         return out
 
+    def _wrap_instruction(self, instruction, wrapper) -> None:
+        """Run `wrapper(original, engine, **kwargs)` in place of a pipeline instruction's function.
+        DeepSpeed executes each instruction through its class-level _INSTRUCTION_MAP (instruction type
+        -> function, bound at each call), never through the engine's attributes, so assigning an
+        attribute would change nothing: the wrapper goes into this engine's own copy of the map."""
+        table = self.engine.__dict__.get("_INSTRUCTION_MAP") or dict(type(self.engine)._INSTRUCTION_MAP)
+        original = table[instruction]
+        table[instruction] = lambda engine, *args, **kwargs: wrapper(original, engine, *args, **kwargs)
+        self.engine._INSTRUCTION_MAP = table
+
     def _wrap_final_reductions(self) -> None:
         """A step whose loss is not finite cannot be skipped inside DeepSpeed without desynchronising it;
         as in DeepSpeedEngine it is neutralised: before the step's gradient reductions every rank learns
         whether the last stage saw a non-finite loss, and if so the gradients are zeroed and the learning
         rate is 0."""
-        reduce_tied = self.engine._exec_reduce_tied_grads
+        from deepspeed.runtime.pipe import schedule
 
-        def checked(*args, **kwargs):
+        def checked(original, engine, *args, **kwargs):
             self._bad_step = self.topology.any(not self.objective.finite)
             if self._bad_step:
                 for param in self.pipe.parameters():
                     if param.grad is not None:
                         param.grad.zero_()
                 set_learning_rates(self.optimizer, 0.0, False)
-            return reduce_tied(*args, **kwargs)
+            return original(engine, *args, **kwargs)
 
-        self.engine._exec_reduce_tied_grads = checked
+        self._wrap_instruction(schedule.ReduceTiedGrads, checked)
 
     def _log_stages(self) -> None:
         mine = (self.stage, [type(i).__name__ + (f"({i.piece.layer_index})" if isinstance(i, LayerPipe) else "")
@@ -259,17 +269,17 @@ class PipelineEngine:
     def _time_compute(self) -> None:
         """Time spent computing (forward and backward passes) per step, so that the pipeline's idle share
         (bubble and waiting on the neighbouring stages) can be measured against the theoretical one."""
-        for name in ("_exec_forward_pass", "_exec_backward_pass"):
-            original = getattr(self.engine, name)
+        from deepspeed.runtime.pipe import schedule
 
-            def timed(*args, _original=original, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    self._busy += time.perf_counter() - start
+        def timed(original, engine, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(engine, *args, **kwargs)
+            finally:
+                self._busy += time.perf_counter() - start
 
-            setattr(self.engine, name, timed)
+        for instruction in (schedule.ForwardPass, schedule.BackwardPass):
+            self._wrap_instruction(instruction, timed)
 
     # ------------------------------------------------------------------ steps
     def _batches(self, micro_batches: list[dict], targets: torch.Tensor, aux_weight: float):

@@ -61,6 +61,10 @@ def test_moe_pipeline_equals_one_process(moe_runs):
         assert abs(a["expert_load_max"] - b["expert_load_max"]) <= one_pick + 1e-9, (a["step"], a, b)
     last = piped[-1]
     assert len(last["expert_load"]) == 2  # both layers' routers, from both stages
+    # the measured idle share (bubble, waiting on the other stage, the optimizer step): computing took some
+    # of each step, and it is at least the schedule's own bubble, (P-1)/(M+P-1) = 1/5 for 4 micro-batches
+    assert all(r["pipeline_bubble_theory"] == pytest.approx(0.2) for r in piped)
+    assert all(0.2 * 0.5 < r["pipeline_idle"] < 0.95 for r in piped), [r["pipeline_idle"] for r in piped]
     assert losses(moe_runs / "piped")[STEPS] < losses(moe_runs / "piped")[1]
 
 
@@ -88,19 +92,19 @@ def test_pipeline_checkpoint_is_one_hugging_face_directory(moe_runs):
 def test_every_architecture_in_two_stages_equals_one_process(preset, tmp_path, env, cache_dir):
     import os
 
-    overrides = [*COMMON, f"model={preset}", "trainer.max_steps=6", "trainer.eval_every=0", "trainer.save_every=0"]
+    overrides = [*COMMON, f"model={preset}", "trainer.eval_every=0", "trainer.save_every=0"]
     run_train([*overrides, *PIPE, f"trainer.output_dir={tmp_path / 'piped'}"], env, nproc=2)
     os.environ["SMOLPRETRAIN_CACHE"] = str(cache_dir)
-    reference = one_process_reference([*overrides, f"trainer.output_dir={tmp_path / 'single'}"], 1, 6)
+    reference = one_process_reference([*overrides, f"trainer.output_dir={tmp_path / 'single'}"], 1, STEPS)
     records = {r["step"]: r for r in metrics(tmp_path / "piped")}
-    assert sorted(records) == list(range(1, 7))
-    for step in range(1, 7):
+    assert sorted(records) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
         assert abs(records[step]["loss"] - reference["loss"][step]) <= TOLERANCE, step
         if reference["aux_loss"][step] is not None:
             assert abs(records[step]["aux_loss"] - reference["aux_loss"][step]) <= TOLERANCE, step
     if preset == "glm4-tiny":  # untied: the head lives on the last stage only; transformers loads the result
         transformers = pytest.importorskip("transformers")
-        transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "piped" / "checkpoints" / "step-6"))
+        transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "piped" / "checkpoints" / f"step-{STEPS}"))
 
 
 @pytest.mark.parametrize("direction", ["2->1", "1->2"])
@@ -178,10 +182,27 @@ def test_bf16_with_activation_checkpointing_trains_in_two_stages(tmp_path, env):
     (["parallel=zero1", "parallel.pipeline_stages=3"], r"pipeline_stages=3 is more than the model's 2 decoder layers"),
     (["parallel.engine=deepspeed", "parallel.pipeline_stages=2", "trainer.precision=bf16"],
      r"bf16 and ZeRO stage 0: DeepSpeed 0.19.8 cannot load the checkpoints .* use parallel=zero1"),
+    (["model=jetmoe-tiny", "parallel=zero1", "parallel.pipeline_stages=2", "parallel.expert_parallel=2"],
+     r"pipeline_stages>1 together with parallel.expert_parallel>1 is not supported"),
 ])
 def test_layouts_that_cannot_work_are_refused_up_front(overrides, message):
     with pytest.raises(RunConfigError, match=message):
         validate(compose(overrides))
+
+
+def test_a_partition_that_leaves_a_stage_without_a_decoder_layer_is_refused():
+    """parallel.pipeline_partition=parameters (or uniform) can give a stage only the embedding or the
+    head: such a stage is refused with what works instead (the check runs once DeepSpeed has cut)."""
+    from types import SimpleNamespace
+
+    from train.distributed import LayoutError
+    from train.pipeline import EmbedPipe, HeadPipe, LayerPipe, NormPipe, PipelineEngine
+
+    items = [object.__new__(cls) for cls in (EmbedPipe, LayerPipe, LayerPipe, NormPipe, HeadPipe)]
+    PipelineEngine._check_partition(SimpleNamespace(parts=[0, 2, 5]), items, "layers")  # a layer on each stage
+    with pytest.raises(LayoutError, match=r"pipeline_partition=parameters leaves pipeline stage 0 without a decoder "
+                                          r"layer \(it holds \['EmbedPipe'\]\); use parallel.pipeline_partition=layers"):
+        PipelineEngine._check_partition(SimpleNamespace(parts=[0, 1, 5]), items, "parameters")
 
 
 def test_refusals_through_the_door_write_nothing(tmp_path, env):
