@@ -38,6 +38,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,11 +338,37 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
-    """Config keys whose values differ between points (a key missing from a point counts as differing)."""
+    """The keys swept: those in the points' names when a sweep named them (`point_overrides`), else
+    the config keys whose values differ between points (a key missing from a point counts as
+    differing)."""
+    named = point_overrides(runs)
+    if named is not None:
+        return sorted(next(iter(named.values())))
     flat = [_flatten(r.config) for r in runs]
     keys = sorted(set().union(*flat)) if flat else []
     return [k for k in keys if k not in IDENTITY_KEYS
             and len({json.dumps(f[k] if k in f else "<unset>", sort_keys=True, default=str) for f in flat}) > 1]
+
+
+def point_overrides(runs: list[Run]) -> dict[str, dict] | None:
+    """Each point's swept overrides, read back from its directory name (`model=doge-20m,optim.lr=0.001`:
+    `python -m train --multirun` names points by the keys swept on the command line), when every point
+    has such a name and they share their keys; else None. A swept config group (`model=a,b`) is then
+    one key with the preset names as values, not every field in which the presets differ."""
+    import yaml
+
+    named = {}
+    for run in runs:
+        pairs = [item.partition("=") for item in re.split(r",(?=[A-Za-z_][\w.]*=)", run.name)]
+        if not all(sep and key for key, sep, _ in pairs):
+            return None
+        try:
+            named[run.name] = {key: yaml.safe_load(value) for key, _, value in pairs}
+        except yaml.YAMLError:
+            named[run.name] = {key: value for key, _, value in pairs}
+    if not named or len({tuple(sorted(v)) for v in named.values()}) != 1:
+        return None
+    return named
 
 
 def point_status(run: Run) -> tuple[str, int | None]:
@@ -376,8 +403,9 @@ def _format_loss(value) -> str:
 
 def sweep_rows(runs: list[Run], keys: list[str]) -> list[dict]:
     rows = []
+    named = point_overrides(runs) or {}
     for run in runs:
-        flat = _flatten(run.config)
+        flat = named.get(run.name) or _flatten(run.config)
         status, last_checkpoint = point_status(run)
         rows.append({
             "point": run.name,

@@ -263,6 +263,33 @@ def test_sweep_of_two_keys_linear_and_categorical(tmp_path):
     assert all(_png_size(written[k])[0] > 0 for k in ("curves", "final_eval_loss"))
 
 
+def test_a_swept_config_group_is_one_key_named_by_the_points(tmp_path):
+    """Points named as `python -m train --multirun model=a,b optim.lr=x,y` names them: the swept keys
+    are `model` and `optim.lr` (not every model field in which the presets differ), with the names'
+    values, numbers parsed as numbers."""
+    sweep = tmp_path / "sweep"
+    models = {"doge-tiny": {"model_type": "doge", "hidden_size": 64}, "glm4-tiny": {"model_type": "glm4", "head_dim": 16}}
+    for i, (model, lr) in enumerate([("doge-tiny", 1e-3), ("doge-tiny", 3e-3), ("glm4-tiny", 1e-3)]):
+        config = {**_config(lr, out=i), "model": models[model]}
+        _write_run(sweep / f"model={model},optim.lr={lr}", _records(steps=4, eval_every=2, seed=i), config, (4,))
+    runs = [plot.load_run(p) for p in plot.sweep_points(sweep)]
+    assert plot.swept_keys(runs) == ["model", "optim.lr"]
+    rows = plot.sweep_rows(runs, ["model", "optim.lr"])
+    assert [r["overrides"] for r in rows] == [{"model": "doge-tiny", "optim.lr": 0.001},
+                                             {"model": "doge-tiny", "optim.lr": 0.003},
+                                             {"model": "glm4-tiny", "optim.lr": 0.001}]
+    written = plot.plot_sweep(sweep)
+    table = _parse_summary(written["summary"].read_text())
+    assert table["model=glm4-tiny,optim.lr=0.001"]["overrides"] == "model=glm4-tiny, optim.lr=0.001"
+    fig = plot.sweep_figure(rows, ["model", "optim.lr"])
+    assert set(fig.panels) == {"model", "optim.lr"}
+    assert list(_line(fig.panels["optim.lr"], "optim.lr").get_xdata()) == [0.001, 0.001, 0.003]
+    # points not named by overrides (hand-made directories): the differing config keys, as before
+    (sweep / "model=doge-tiny,optim.lr=0.001").rename(sweep / "first")
+    runs = [plot.load_run(p) for p in plot.sweep_points(sweep)]
+    assert plot.swept_keys(runs) == ["model.head_dim", "model.hidden_size", "model.model_type", "optim.lr"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # The user's door: a real tiny MoE run, then the CLI
 
