@@ -60,14 +60,18 @@ class Schedule:
     def describe(self) -> str:
         warmup = _span("warmup", self.warmup_type, 0, self.warmup_steps)
         if self.name == "constant":
-            return f"constant: peak lr {self.peak_lr:g}; {warmup}; then constant; {self.total_steps} steps"
+            return f"constant: peak lr {self.peak_lr:g}; {warmup}; then constant; {_steps_of(self.total_steps)}"
         stable = _span("stable", "", self.warmup_steps, self.decay_start)
         decay = _span("decay", self.decay_type, self.decay_start, self.decay_start + self.decay_steps)
         parts = [f"{self.name}: peak lr {self.peak_lr:g}", warmup]
         if self.name == "wsd":
             parts.append(stable)
-        parts += [decay if self.decay_steps == 0 else f"{decay} to {self.min_lr_ratio:g} x peak", f"{self.total_steps} steps"]
+        parts += [decay if self.decay_steps == 0 else f"{decay} to {self.min_lr_ratio:g} x peak", _steps_of(self.total_steps)]
         return "; ".join(parts)
+
+
+def _steps_of(count: int) -> str:
+    return "1 step" if count == 1 else f"{count} steps"
 
 
 def _span(phase: str, kind: str, start: int, stop: int) -> str:

@@ -36,19 +36,28 @@ def test_resume_auto_follows_latest_not_the_highest_step(tmp_path, env):
     assert f"resumed from {out / 'checkpoints' / 'step-4'} at step 4" in proc.stderr
     assert _state(out / "checkpoints" / "step-5")["run_id"] == new_run
     assert sorted(losses(out)) == [1, 2, 3, 4, 5]
+    # without `latest` nothing says which run to continue: refused, naming the runs and the fix
+    (out / "checkpoints" / "latest").unlink()
+    proc = run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=6", "trainer.resume=auto"], env,
+                     check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "holds checkpoints of 2 runs" in proc.stderr and "checkpoints/latest does not say which to continue" \
+        in proc.stderr and "pass trainer.resume=<a checkpoint directory>" in proc.stderr
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5]
 
 
 def test_pruning_keeps_the_checkpoint_the_run_resumed_from(tmp_path, env):
     out = tmp_path / "run"
     run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=4", "trainer.save_every=2"], env)
     (out / "checkpoints" / "step-4" / "model.safetensors").write_bytes(b"broken")
-    stale = out / "checkpoints" / ".step-3.tmp"  # what a kill in the middle of a save leaves
+    stale = out / "checkpoints" / ".step-7.tmp"  # what a kill in the middle of a save leaves (a step not saved again)
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"partial")
     proc = run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=3", "trainer.save_every=1",
                       "trainer.keep_last=2", "trainer.resume=auto"], env)
     assert f"resumed from {out / 'checkpoints' / 'step-2'}" in proc.stderr
     assert "moved the broken checkpoint" in proc.stderr
+    assert f"removing {stale}, left by an interrupted save" in proc.stderr and not stale.exists()  # at the start
     # step 2 is kept (only one complete checkpoint supersedes it so far); the broken one is set aside
     assert _names(out) == ["latest", "step-2", "step-3", "step-4.corrupt"]
     run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=5", "trainer.save_every=1",

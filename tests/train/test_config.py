@@ -144,10 +144,18 @@ def test_cli_refuses_a_bad_key_before_any_work(env, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_refuses_a_bad_value_with_one_message_and_writes_nothing(env, tmp_path):
-    proc = run_train(["optim.lr=-1", f"trainer.output_dir={tmp_path / 'out'}"], env, check=False, timeout=60)
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lr=-1"], "error: optim.lr=-1.0 must be > 0 (the peak learning rate, e.g. 3e-3)"),
+    (["optim.betas=[0.9,1.5]"], "error: optim.betas=[0.9, 1.5] must be two numbers in [0, 1), e.g. [0.9, 0.95]"),
+    (["trainer.micro_batch_size=0"], "error: trainer.micro_batch_size=0 must be >= 1"),
+    (["scheduler=cosine", "trainer.max_steps=10", "scheduler.warmup=12"],
+     "error: scheduler.warmup=12 (12 steps): longer than the run (trainer.max_steps=10); shorten them (fractions < 1 "
+     "scale with the run) or lengthen the run"),
+])
+def test_cli_refuses_a_bad_value_with_one_message_and_writes_nothing(env, tmp_path, overrides, message):
+    proc = run_train([*overrides, f"trainer.output_dir={tmp_path / 'out'}"], env, check=False, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "error: optim.lr=-1.0 must be > 0 (the peak learning rate, e.g. 3e-3)"
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 

@@ -62,3 +62,17 @@ def test_decay_branch_starts_at_the_checkpoint():
 def test_bad_schedules():
     with pytest.raises(ValueError, match="longer than the run"):
         build_schedule(SchedulerSchema(warmup=60, decay=60), 1.0, 100)
+
+
+@pytest.mark.parametrize("cfg,steps,line", [
+    (SchedulerSchema(warmup=0.1, decay=0.1), 1, "wsd: peak lr 1; no warmup; stable step 0; no decay; 1 step"),
+    (SchedulerSchema(warmup=1, decay=1), 2,
+     "wsd: peak lr 1; linear warmup over step 0; no stable; linear decay over step 1 to 0 x peak; 2 steps"),
+    (SchedulerSchema(warmup=2, decay=3), 10, "wsd: peak lr 1; linear warmup over steps 0-1; stable steps 2-6; "
+                                            "linear decay over steps 7-9 to 0 x peak; 10 steps"),
+    (SchedulerSchema(name="cosine", warmup=0), 1, "cosine: peak lr 1; no warmup; cosine decay over step 0 to 0 x peak; "
+                                                 "1 step"),
+    (SchedulerSchema(name="constant", warmup=0), 3, "constant: peak lr 1; no warmup; then constant; 3 steps"),
+])
+def test_the_schedule_line_of_short_runs_reads_sensibly(cfg, steps, line):
+    assert build_schedule(cfg, 1.0, steps).describe() == line

@@ -194,7 +194,8 @@ def test_options_train_the_same_run(tmp_path, cache_dir, monkeypatch, option, to
     assert max(abs(a - b) for a, b in zip(plain["losses"], other["losses"])) <= tolerance
 
 
-def test_sigterm_while_setting_up_stops_the_run_and_writes_nothing(tmp_path, env):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_setting_up_stops_the_run_and_writes_nothing(tmp_path, env, signum):
     """A signal during set-up (here: while the BPE tokenizer trains on a cold cache) stops the run at once
     with the stopped status; nothing of the run is written."""
     out = tmp_path / "run"
@@ -206,13 +207,13 @@ def test_sigterm_while_setting_up_stops_the_run_and_writes_nothing(tmp_path, env
         lines.append(line)
         if "training a byte-level BPE" in line:
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     start = time.time()
     rest = proc.stderr.read()
     proc.wait(timeout=60)
     assert time.time() - start < 30
     assert proc.returncode == 75, "".join(lines) + rest
-    assert "SIGTERM received while setting up; stopped before the first step" in rest
+    assert f"{signal.Signals(signum).name} received while setting up; stopped before the first step" in rest
     assert "Traceback" not in rest and not out.exists()
 
 
@@ -220,3 +221,12 @@ def test_deepspeed_in_one_process_without_a_launcher(tmp_path, env):
     run_train([f"trainer.output_dir={tmp_path}", *FAST, "trainer.max_steps=2", "parallel=zero2"], env)
     assert sorted(losses(tmp_path)) == [1, 2]
     assert (tmp_path / "checkpoints" / "step-2" / "trainer_state" / "deepspeed").is_dir()
+
+
+def test_a_one_step_run_states_its_schedule_and_warns_of_positions_beyond_the_model(tmp_path, env):
+    proc = run_train([f"trainer.output_dir={tmp_path}", *FAST, "trainer.max_steps=1",
+                      "model.max_position_embeddings=32"], env)
+    assert "schedule: wsd: peak lr 0.003; no warmup; stable step 0; no decay; 1 step" in proc.stderr
+    assert ("data.seq_len=64 exceeds the model's max_position_embeddings=32: positions beyond it are extrapolated "
+            "(set model.max_position_embeddings, or a shorter data.seq_len)") in proc.stderr
+    assert sorted(losses(tmp_path)) == [1]
