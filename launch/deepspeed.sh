@@ -2,6 +2,8 @@
 # One node under the deepspeed launcher (it passes --local_rank, which `python -m train` accepts).
 #   launch/deepspeed.sh parallel=zero3 experiment=doge-320m
 #   NUM_GPUS=4 launch/deepspeed.sh parallel=zero2
+#   NUM_GPUS=8 launch/deepspeed.sh experiment=jetmoe-200m parallel=zero2 parallel.expert_parallel=8
+#   NUM_GPUS=2 launch/deepspeed.sh parallel=zero1 parallel.pipeline_stages=2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/python.sh  # PY: $PYTHON, .venv/bin/python, or python3 on PATH

@@ -2,6 +2,9 @@
 # One node, N processes under torchrun (N = visible GPUs, or NPROC=..., or 1 on a CPU-only machine).
 #   launch/torchrun.sh experiment=doge-20m parallel=ddp
 #   NPROC=8 launch/torchrun.sh experiment=doge-160m parallel=zero2
+#   NPROC=8 launch/torchrun.sh experiment=jetmoe-200m parallel.expert_parallel=8    # experts over 8 GPUs
+#   NPROC=8 launch/torchrun.sh experiment=doge-160m parallel=zero1 parallel.pipeline_stages=2
+#   NPROC=2 launch/torchrun.sh model=jetmoe-tiny parallel.expert_parallel=2        # the same on 2 CPU processes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/python.sh  # PY: $PYTHON, .venv/bin/python, or python3 on PATH

@@ -193,6 +193,14 @@ def test_trainer_scores_every_saved_checkpoint(files, tmp_path, env):
     for record in scored:
         written = json.loads(next((out / "checkpoints" / f"step-{record['step']}" / "eval").glob("*.json")).read_text())
         assert record["lm_eval/tiny_py/acc"] == pytest.approx(written["results"]["tiny_py"]["acc"])
+    # the CLI on the run directory scores its newest checkpoint: the same score the trainer logged
+    cli = subprocess.run(
+        [sys.executable, "-m", "train.evaluate", str(out), "--tasks", "tiny_py", "--include-path", str(files["tasks"]),
+         "--limit", "3", "--device", "cpu", "--output", str(tmp_path / "cli.json")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert cli.returncode == 0, cli.stderr[-5000:]
+    by_cli = json.loads((tmp_path / "cli.json").read_text())
+    assert by_cli["step"] == 4 and by_cli["results"]["tiny_py"]["acc"] == pytest.approx(scored[-1]["lm_eval/tiny_py/acc"])
     proc = run_train([*common[:-3], f"trainer.output_dir={tmp_path / 'bad'}", "trainer.eval_tasks=[tiny_pyy]",
                       f"trainer.eval_tasks_include_path=[{files['tasks']}]"], env, check=False, timeout=400)
     assert proc.returncode == 2 and "unknown lm-eval task 'tiny_pyy'" in proc.stderr

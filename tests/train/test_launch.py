@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import FAST, REPO, losses, metrics
 
@@ -53,10 +54,14 @@ def test_torchrun_script(tmp_path, env):
 
 
 def test_deepspeed_launcher_script(tmp_path, env):
-    _run(["launch/deepspeed.sh", *TINY, "parallel=zero2", f"trainer.output_dir={tmp_path}"],
-         {**env, "NUM_GPUS": "2", "MASTER_PORT": "29533"})
+    """The deepspeed launcher (it passes --local_rank) with the layout only DeepSpeed runs: two pipeline
+    stages on ZeRO-1."""
+    proc = _run(["launch/deepspeed.sh", *TINY, "parallel=zero1", "parallel.pipeline_stages=2",
+                 f"trainer.output_dir={tmp_path}"], {**env, "NUM_GPUS": "2", "MASTER_PORT": "29533"})
     assert sorted(losses(tmp_path)) == [1, 2]
-    assert (tmp_path / "checkpoints" / "step-2" / "trainer_state" / "deepspeed").is_dir()
+    assert "pipeline stage 1:" in proc.stderr  # two stages ran
+    saved = torch.load(tmp_path / "checkpoints" / "step-2" / "trainer_state" / "optimizer.pt", weights_only=True)
+    assert saved["format"] == "adamw-by-name"
 
 
 def test_sweep_script_runs_one_job_per_point(tmp_path, env):

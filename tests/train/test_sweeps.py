@@ -211,6 +211,21 @@ def test_submitit_preemption_checkpoints_requeues_and_resumes_the_point(tmp_path
     assert summary_rows(sweep_dir) == {"optim.lr=0.001": "finished"}
 
 
+def test_submitit_tasks_are_the_ranks_of_a_point(tmp_path, env):
+    """hydra.launcher.tasks_per_node=2: each submitit task of a point's job is one rank, its rank,
+    world size and rendezvous taken from submitit's job environment (on Slurm, SLURM_PROCID and the
+    node list), so a point trains data-parallel on 2 ranks and each rank saves its own loader state."""
+    sweep_dir = tmp_path / "tasks"
+    sweep([*TINY, "optim.lr=choice(1e-3)", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+           f"hydra.sweep.dir={sweep_dir}"], {**env, "OMP_NUM_THREADS": "1"})
+    point = sweep_dir / "optim.lr=0.001"
+    assert sorted(losses(point)) == [1, 2]
+    assert ranks_that_saved(point, 2) == ["rank-0.pt", "rank-1.pt"]
+    log = "".join(p.read_text() for p in sorted((sweep_dir / ".submitit").glob("*/*_log.err")))
+    assert "; 2 data-parallel x 4 micro-batch x 1 accumulation = 8 rows" in log, log[-3000:]
+    assert summary_rows(sweep_dir) == {"optim.lr=0.001": "finished"}
+
+
 def test_point_names_are_the_swept_overrides_made_safe_for_a_filesystem():
     from train.sweep import multirun_argv, point_dirname
 
