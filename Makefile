@@ -27,6 +27,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m train.bench_models
+	$(PY) -m train.bench_models --compile --case doge-20m
+	$(PY) -m train.bench_memory
 	$(PY) -m train.bench_data
 	$(PY) -m train.bench_parallel
 

@@ -3,6 +3,7 @@ the same weights and batch.
 
     python -m train.bench_memory                                  # doge-20m and glm4-small at 1 x 2048
     python -m train.bench_memory --case doge-20m-cdmoe jetmoe-small --seq 1024 --batch 2
+    python -m train.bench_memory --case doge-tiny --set vocab_size=32768 --seq 1024
 
 Each measurement runs in its own process, so nothing one implementation allocated or cached is seen
 by the other. On CPU the figure is the step's peak resident memory above what the process held just
@@ -104,6 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field of every case")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -111,12 +113,14 @@ def main(argv=None) -> None:
         return child(args)
 
     import models
-    from train.bench_models import case, transformers_modes
+    from train.bench_models import case, transformers_modes, with_settings
 
     print(f"peak memory of one forward + backward step above the weights' level, B={args.batch} S={args.seq}, "
           f"{args.dtype}, {args.attn}, {args.device}")
     for name in args.case:
-        values = {**case(name), **({"router_layout": "transformers"} if case(name).get("is_moe") else {})}
+        values = with_settings(case(name), args.set)
+        if values.get("is_moe"):
+            values["router_layout"] = "transformers"  # the same maths on both sides
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.manual_seed(0)

@@ -5,6 +5,7 @@ weights and batch, in the same process (interleaved, so machine noise hits both 
     python -m train.bench_models --case doge-20m glm4-small --seq 256 --batch 4
     python -m train.bench_models --case glm4-tiny jetmoe-200m     # any configs/model preset too
     python -m train.bench_models --compile --case doge-20m        # ours compiled vs transformers eager
+    python -m train.bench_models --case doge-tiny --set vocab_size=32768 --seq 128   # fields overridden
 
 Prints tokens/s of each and the ratio ours / transformers (> 1: we are faster). For MoE models
 transformers is timed twice: as it trains (`output_router_logits=True`, which adds its aux loss) and
@@ -54,6 +55,17 @@ def case(name: str) -> dict:
 
 
 DEFAULT_CASES = ("doge-20m", "glm4-small", "jetmoe-small", "doge-20m-cdmoe")
+
+
+def with_settings(values: dict, settings: list[str]) -> dict:
+    """`--set key=value` overrides of a case's config fields (values parsed as YAML)."""
+    out = dict(values)
+    for item in settings or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected key=value, e.g. --set vocab_size=32768")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def has_aux_loss(values: dict) -> bool:
@@ -131,7 +143,7 @@ def compiled_child(args) -> None:
     eager; prints one JSON line."""
     from train.parallelize import apply_compile
 
-    values = case(args.case[0])
+    values = with_settings(case(args.case[0]), args.set)
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         ours, theirs = model_pair(values, args.attn[0], dtype, tmp)
@@ -150,7 +162,7 @@ def compiled(name: str, args) -> None:
         for label in ("cold", "warm"):
             cmd = [sys.executable, "-m", "train.bench_models", "--compiled-child", "--case", name,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-                   "--attn", args.attn[0], "--dtype", args.dtype]
+                   "--attn", args.attn[0], "--dtype", args.dtype, *(f"--set={item}" for item in args.set or ())]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
@@ -171,6 +183,7 @@ def main(argv=None) -> None:
     parser.add_argument("--attn", choices=["sdpa", "eager"], nargs="+", default=["sdpa", "eager"])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field of every case")
     parser.add_argument("--compile", action="store_true", help="ours compiled (cold and warm cache) vs transformers eager")
     parser.add_argument("--compiled-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -186,7 +199,7 @@ def main(argv=None) -> None:
             compiled(name, args)
             continue
         for attn in args.attn:
-            compare(name, case(name), args.batch, args.seq, args.steps, attn, dtype)
+            compare(name, with_settings(case(name), args.set), args.batch, args.seq, args.steps, attn, dtype)
 
 
 if __name__ == "__main__":

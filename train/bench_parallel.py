@@ -24,6 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
+import models
+
 REPO = Path(__file__).resolve().parents[1]
 
 LAYOUTS = {
@@ -77,9 +81,12 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="global batch in rows")
     parser.add_argument("--micro", type=int, default=None, help="rows per micro-batch (default: batch / 2)")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--vocab", type=int, default=32768, help="BPE vocabulary (<= the model's)")
+    parser.add_argument("--vocab", type=int, default=None, help="BPE vocabulary (default: the model's vocab_size)")
     parser.add_argument("--layouts", nargs="+", default=["single", "ddp", "zero2"], choices=sorted(LAYOUTS))
     args = parser.parse_args(argv)
+    values = yaml.safe_load((REPO / "configs" / "model" / f"{args.model}.yaml").read_text())
+    args.vocab = args.vocab or values["vocab_size"]
+    total = models.build(values, device="meta").num_parameters()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for layout in args.layouts:
@@ -92,9 +99,10 @@ def main(argv=None) -> None:
                       f"{100 * r['bubble_theory']:.1f}%)", flush=True)
                 for stage, items, count in r["stages"]:
                     print(f"    stage {stage}: {int(count):,} parameters ({items})", flush=True)
-            if "held" in r:
-                print(f"    each rank holds {r['held'][0]:,} of {r['held'][1]:,} parameters "
-                      f"({r['held'][0] * 4 / 2**20:.1f} MiB in fp32)", flush=True)
+            if layout != "pipeline":
+                held = r.get("held", (total, total))
+                print(f"    each rank holds {held[0]:,} of {held[1]:,} parameters "
+                      f"({held[0] * 4 / 2**20:.2f} MiB in fp32)", flush=True)
 
 
 if __name__ == "__main__":

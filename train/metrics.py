@@ -22,13 +22,18 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * count / (time.perf_counter() - start)
+    # the best of a few windows: one slow moment (another process, a shared host) must not make the
+    # peak low and the MFU of the whole run look better than 100%
+    best = 0.0
+    for _ in range(3):
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
+    return best
 
 
 class MetricsLogger:

@@ -3,6 +3,7 @@ with one fault injected, for tests of what a real run must survive. Works under 
 
     kill-after-checkpoint N   the process SIGKILLs itself right after the step-N checkpoint is saved
     nan-after N               every cross-entropy computed after the first N is NaN
+    cpu-without-bf16 0        the CPU reports no native bf16 (as an AVX2-only one does)
 """
 
 import os
@@ -11,6 +12,7 @@ import sys
 
 import models.base
 import train.checkpoint as checkpoint
+import train.loop
 
 FAULT, N = sys.argv.pop(1), int(sys.argv.pop(1))
 
@@ -34,6 +36,8 @@ elif FAULT == "nan-after":
         return value * float("nan") if _calls[0] > N else value
 
     models.base.linear_cross_entropy_sum = _poisoned
+elif FAULT == "cpu-without-bf16":
+    train.loop.cpu_has_native_bf16 = lambda: False
 else:
     raise SystemExit(f"unknown fault {FAULT!r}")
 
