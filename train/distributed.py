@@ -134,23 +134,38 @@ def setup(device: str = "auto", backend: str | None = None, pipeline_stages: int
     # every rank takes part in creating every group, in the same order (torch.distributed requires it)
     dp_group = ep_group = edp_group = None
     if pipeline_stages > 1 and topology.dp_size > 1:
-        for stage in range(pipeline_stages):
-            group = dist.new_group(list(range(stage * topology.dp_size, (stage + 1) * topology.dp_size)))
-            if stage == topology.pp_stage:
-                dp_group = group
+        dp_group = _new_groups(stage_data_parallel_ranks(world_size, pipeline_stages), rank)
     if expert_parallel > 1:
-        # DeepSpeed's layout (deepspeed.utils.groups): expert-parallel groups of consecutive ranks, and the
-        # ranks holding the same slice of the experts, one per expert-parallel group
-        for first in range(0, world_size, expert_parallel):
-            group = dist.new_group(list(range(first, first + expert_parallel)))
-            if first <= rank < first + expert_parallel:
-                ep_group = group
-        for slice_index in range(expert_parallel):
-            group = dist.new_group(list(range(slice_index, world_size, expert_parallel)))
-            if rank % expert_parallel == slice_index:
-                edp_group = group
+        ep_ranks, edp_ranks = expert_parallel_ranks(world_size, expert_parallel)
+        ep_group, edp_group = _new_groups(ep_ranks, rank), _new_groups(edp_ranks, rank)
     return Topology(rank, local_rank, world_size, dev, pp_size=pipeline_stages, ep_size=expert_parallel,
                     dp_group=dp_group, ep_group=ep_group, edp_group=edp_group)
+
+
+def stage_data_parallel_ranks(world_size: int, pipeline_stages: int) -> list[list[int]]:
+    """The data-parallel replicas of each pipeline stage: stage s holds ranks [s·D, (s+1)·D), D = world /
+    stages (DeepSpeed's PipeDataParallelTopology: the pipe axis outermost)."""
+    replicas = world_size // pipeline_stages
+    return [list(range(stage * replicas, (stage + 1) * replicas)) for stage in range(pipeline_stages)]
+
+
+def expert_parallel_ranks(world_size: int, expert_parallel: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(expert-parallel groups: consecutive ranks that together hold every expert, expert-data-parallel
+    groups: the ranks holding the same slice of the experts, one per expert-parallel group), in
+    DeepSpeed's layout (deepspeed.utils.groups, expert parallelism inside data parallelism)."""
+    ep = [list(range(first, first + expert_parallel)) for first in range(0, world_size, expert_parallel)]
+    edp = [list(range(index, world_size, expert_parallel)) for index in range(expert_parallel)]
+    return ep, edp
+
+
+def _new_groups(rank_lists: list[list[int]], rank: int):
+    """Create every group (every rank must, in the same order); return the one holding `rank`."""
+    mine = None
+    for ranks in rank_lists:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    return mine
 
 
 def teardown() -> None:
