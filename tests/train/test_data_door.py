@@ -6,6 +6,7 @@ after a change of world size."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 
@@ -117,9 +118,10 @@ def test_files_lacking_the_text_column_are_named(tmp_path, env):
     assert "Traceback" not in proc.stderr
 
 
-def test_token_counts_stay_exact_when_the_world_grows(tmp_path, env):
-    """4 steps on one rank, then 2 more on two ranks with a fresh data order: the tokens per source,
-    summed over ranks, are those of 6 steps (rank 1 has no saved state; it must not count rank 0's)."""
+def test_token_counts_stay_exact_when_the_world_grows_and_shrinks(tmp_path, env):
+    """4 steps on one rank, 2 more on two ranks, then 2 more on one again, each time with a fresh data
+    order: the tokens per source, summed over ranks, are those of all steps (rank 1 has no saved state
+    when the world grows and must not count rank 0's; when it shrinks, rank 1's count is not lost)."""
     out = tmp_path / "run"
     run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=4"], env)
     proc = run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=6", "trainer.resume=auto",
@@ -127,3 +129,21 @@ def test_token_counts_stay_exact_when_the_world_grows(tmp_path, env):
     tokens_per_step = 8 * 64  # global batch x seq_len
     assert _tokens_per_source(proc.stderr) == {"python-stdlib": 6 * tokens_per_step}
     assert metrics(out)[-1]["tokens"] == 6 * tokens_per_step  # what metrics.jsonl says
+    proc = run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=8", "trainer.resume=auto",
+                      "data.allow_new_order=true"], env)
+    assert _tokens_per_source(proc.stderr) == {"python-stdlib": 8 * tokens_per_step}
+    assert metrics(out)[-1]["tokens"] == 8 * tokens_per_step
+    assert metrics(out)[-1]["data/python-stdlib/tokens"] == 8 * tokens_per_step
+
+
+def test_a_source_without_a_usable_document_names_the_cause(tmp_path, env):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) + "\n" for i in range(6)))
+    proc = run_train([f"trainer.output_dir={tmp_path / 'run'}", "data=files", f"data.sources.0.path={docs}", *FAST,
+                      "trainer.max_steps=2", "data.eval.holdout_documents=100"], env, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: source 'files': the source got no usable document in a whole pass: all 6 documents it read were "
+        "held out for evaluation (data.eval.holdout_documents=100: the first documents of each source); lower "
+        "data.eval.holdout_documents, or give separate data.eval.sources")
+    assert "Traceback" not in proc.stderr

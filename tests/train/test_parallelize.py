@@ -70,14 +70,17 @@ def test_compiled_layers_and_loss_match_eager(preset, tmp_path, monkeypatch):
     eager = models.build(values)
     torch.manual_seed(0)
     compiled = models.build(values)
-    apply_compile(compiled, compile_loss=True)  # the CUDA default, checked here on CPU
+    # the compiled loss chunk is CUDA's default (on CPU it stays eager); its graph is the same for every
+    # architecture, so one of them checks it
+    compile_loss = preset == "glm4-tiny"
+    apply_compile(compiled, compile_loss=compile_loss)
     results = []
     for model in (eager, compiled):
         out = model(ids, labels=ids)
         out.loss.backward()
         results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     compiled_frames = {key for key in counters["stats"] if key == "unique_graphs"}
-    assert compiled_frames and counters["stats"]["unique_graphs"] >= 2  # a layer graph and the loss-chunk graph
+    assert compiled_frames and counters["stats"]["unique_graphs"] >= 1 + compile_loss  # a layer graph (and the loss chunk's)
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     assert results[0][1].keys() == results[1][1].keys()
