@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -42,6 +43,18 @@ def _model_keys() -> set[str]:
     import models
 
     return {"init_from"} | {f.name for cls in models.ARCHITECTURES.values() for f in dataclasses.fields(cls.config_class)}
+
+
+def with_list_indices_as_keys(argv: list[str]) -> list[str]:
+    """`data.sources[0].path=x` -> `data.sources.0.path=x`: Hydra's override grammar has no brackets in a
+    key (its lexer refuses them), but a list element written the Python way is what users type first."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and "[" in key and not arg.startswith("-"):
+            key = re.sub(r"\[(\d+)\]", r".\1", key)
+        out.append(key + eq + value)
+    return out
 
 
 def with_forced_model_keys(argv: list[str]) -> list[str]:
@@ -207,7 +220,7 @@ def main() -> None:
 
     from . import sweep
 
-    argv = strip_launcher_arguments(sys.argv[1:])
+    argv = with_list_indices_as_keys(strip_launcher_arguments(sys.argv[1:]))
     problem = check_overrides(argv)
     if problem:
         _refuse(problem)

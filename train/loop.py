@@ -359,9 +359,15 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
 
         plot_run(output_dir)  # never raises: a failure is a warning
     per_source = loader.source_stats()
-    source_tokens = dict(zip(per_source, topology.dp_sum(*(float(v["tokens"]) for v in per_source.values()))))
+    skips = {"skipped_empty": "empty", "skipped_heldout": "held out", "skipped_fetch": "failed to fetch"}
+    fields = ("tokens", *skips)
+    summed = iter(topology.dp_sum(*(float(v[f]) for v in per_source.values() for f in fields)))
+    totals = {name: {f: int(next(summed)) for f in fields} for name in per_source}
     if topology.is_main and last_checkpoint is not None:
-        logger.info("tokens trained per source: %s", {k: int(v) for k, v in source_tokens.items()})
+        logger.info("tokens trained per source: %s", {k: v["tokens"] for k, v in totals.items()})
+        skipped = {name: {what: v[f] for f, what in skips.items() if v[f]} for name, v in totals.items()}
+        if any(skipped.values()):  # the same counts are data/<source>/skipped_* in metrics.jsonl
+            logger.info("documents skipped per source: %s", {k: v for k, v in skipped.items() if v})
         if stopped:
             logger.warning("stopped on request at step %d of %d; checkpoint: %s. Continue with trainer.resume=auto "
                            "(exit status %d: requeue me)", step, max_steps, last_checkpoint.resolve(), EXIT_STOPPED)

@@ -3,6 +3,7 @@ value domains stop the run before any work, naming the key and the fix."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,7 @@ def test_wrong_types_and_choices():
         validate(compose(["parallel.zero_stage=4"]))
 
 
-@pytest.mark.parametrize("override,message", [
+VALUE_DOMAINS = [
     ("optim.lr=-1", r"optim.lr=-1.0 must be > 0"),
     ("optim.lr=0", r"optim.lr=0.0 must be > 0"),
     ("optim.betas=[0.9,1.5]", r"optim.betas=\[0.9, 1.5\] must be two numbers in \[0, 1\)"),
@@ -131,10 +132,38 @@ def test_wrong_types_and_choices():
     ("scheduler=constant trainer.max_steps=10 scheduler.warmup=11", r"scheduler.warmup=11 \(11 steps\): longer than"),
     ("parallel.offload_param=true", r"parallel.offload_param=True needs ZeRO stage 3"),
     ("parallel.zero_stage=2", r"parallel.zero_stage=2 needs parallel.engine=deepspeed"),
-])
+]
+
+
+@pytest.mark.parametrize("override,message", VALUE_DOMAINS)
 def test_value_domains_are_checked_before_any_work(override, message):
     with pytest.raises(RunConfigError, match=message):
         validate(compose(override.split()))
+
+
+def _main_in_process(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """train.cli.main as `python -m train` runs it, in this process: a refusal costs no interpreter start."""
+    import logging
+    import sys
+
+    from train.cli import main
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # main's logging set-up must not outlive the test
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(sys, "argv", ["train", *argv])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    return stopped.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,message", VALUE_DOMAINS)
+def test_cli_main_refuses_each_value_domain_before_any_work(override, message, tmp_path, monkeypatch, capsys):
+    status, stderr = _main_in_process([*override.split(), f"trainer.output_dir={tmp_path / 'out'}"], monkeypatch,
+                                      capsys)
+    last = stderr.strip().splitlines()[-1]
+    assert status == 2 and last.startswith("error: ") and re.search(message, last), stderr[-2000:]
+    assert "Traceback" not in stderr and not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_a_bad_key_before_any_work(env, tmp_path):
@@ -181,6 +210,16 @@ def test_launcher_local_rank_argument_is_accepted():
         assert strip_launcher_arguments(["--local_rank=1", "optim.lr=1"]) == ["optim.lr=1"]
         assert os.environ["LOCAL_RANK"] == "1"
         assert strip_launcher_arguments(["--local_rank", "0", "x=1"]) == ["x=1"]
+
+
+def test_list_elements_may_be_written_with_brackets(tmp_path, monkeypatch, capsys):
+    """`data.sources[0].path=...` is how Python spells it; Hydra's lexer alone would refuse the key."""
+    missing = tmp_path / "nowhere" / "x.txt"
+    status, stderr = _main_in_process(["data=files", f"data.sources[0].path={missing}",
+                                       f"trainer.output_dir={tmp_path / 'out'}"], monkeypatch, capsys)
+    assert status == 1 and f"source 'files': no files match '{missing}'" in stderr, stderr[-2000:]
+    status, stderr = _main_in_process(["data=files", "data.sources[0].wieght=2"], monkeypatch, capsys)
+    assert status == 2 and "data.sources.0.wieght. Did you mean weight?" in stderr, stderr[-2000:]
 
 
 def test_missing_source_path_names_the_override_hydra_accepts(env, tmp_path):

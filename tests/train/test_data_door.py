@@ -5,7 +5,6 @@ after a change of world size."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import subprocess
@@ -65,15 +64,6 @@ def test_smollm_preset_on_a_local_copy_without_its_weight_zero_sources(tmp_path,
     assert set(tokens) == {"fineweb-edu", "cosmopedia-v2"} and sum(tokens.values()) == 2 * 8 * 64
 
 
-def _local_copy_keys_in_the_schema() -> bool:
-    from train.config import DataSchema
-
-    names = {f.name for f in dataclasses.fields(DataSchema)}
-    return {"smollm_corpus_dir", "finemath_dir"} <= names
-
-
-@pytest.mark.skipif(not _local_copy_keys_in_the_schema(),
-                    reason="train.config.DataSchema lacks smollm_corpus_dir / finemath_dir (trainer side to wire)")
 def test_smollm_preset_from_one_key_per_local_copy(tmp_path, env, replicas):
     """One key per dataset copy, copies without the hub's README.md."""
     out = tmp_path / "run"
@@ -82,6 +72,34 @@ def test_smollm_preset_from_one_key_per_local_copy(tmp_path, env, replicas):
                       f"data.finemath_dir={replicas / 'finemath'}", "data.sources.2.weight=0"], env)
     tokens = _tokens_per_source(proc.stderr)
     assert set(tokens) == {"fineweb-edu", "cosmopedia-v2", "finemath"} and all(tokens.values())
+
+
+def test_python_edu_is_fetched_for_training_and_skipped_by_bpe_training(tmp_path, env, replicas):
+    """python-edu rows carry Software Heritage blob ids, no text. BPE training skips the source (and says
+    so) rather than reading it row by row for nothing; training fetches each document, here from the
+    fetcher's cache on disk, as an earlier run leaves it (S3 is out of reach and boto3 not installed)."""
+    import gzip
+
+    copy = replicas / "smollm-corpus"
+    cache = tmp_path / "cache"  # this run's own: its BPE and the blob cache
+    blobs = {}
+    for shard in sorted((copy / "python-edu").glob("*.parquet")):
+        for blob_id in pq.read_table(shard, columns=["blob_id"]).column(0).to_pylist():
+            blobs[blob_id] = f"def f_{blob_id[-4:]}(x):\n    return x + {len(blobs)}\n"
+    for blob_id, text in blobs.items():
+        path = cache / "softwareheritage" / blob_id[:2] / f"{blob_id}.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(gzip.compress(text.encode()))
+    out = tmp_path / "run"
+    proc = run_train([f"trainer.output_dir={out}", "data=smollm", *FAST, *SMALL_TOKENIZER, "trainer.max_steps=2",
+                      f"data.smollm_corpus_dir={copy}", "data.sources.2.weight=0.5", "data.sources.3.weight=0"],
+                     {**env, "SMOLPRETRAIN_CACHE": str(cache)})
+    assert ("BPE training skips ['python-edu'] (fetch: its text is fetched per document while training); it is "
+            "trained on ['fineweb-edu', 'cosmopedia-v2']") in proc.stderr, proc.stderr[-3000:]
+    tokens = _tokens_per_source(proc.stderr)
+    assert tokens["python-edu"] > 0 and sum(tokens.values()) == 2 * 8 * 64, tokens
+    record = metrics(out)[-1]
+    assert record["data/python-edu/documents"] > 0 and record["data/python-edu/skipped_fetch"] == 0
 
 
 def _python_files_as_parquet(directory, columns_per_file):

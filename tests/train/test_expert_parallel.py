@@ -1,6 +1,6 @@
 """Expert parallelism on 2 gloo processes through `torchrun -m train`: JetMoE (MLP and attention
 experts) and Doge CDMoE (expert tables) with their experts split over 2 ranks equal one process on the
-same global batch (losses, aux losses, final weights), with DDP and with ZeRO-2; each rank holds only
+same global batch (losses, aux losses, final weights), with DDP, ZeRO-1 and ZeRO-2; each rank holds only
 its slice; checkpoints resume across expert-parallel sizes and after SIGKILL; upcycled checkpoints
 train under it; layouts that cannot work are refused up front."""
 
@@ -33,11 +33,16 @@ def references(cache_dir, tmp_path_factory):
     return out
 
 
+def _module_env(cache_dir) -> dict:
+    """The `env` fixture's environment, for module-scoped runs."""
+    return {**os.environ, "SMOLPRETRAIN_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+            "DS_ACCELERATOR": "cpu", "PYTHONFAULTHANDLER": "1"}
+
+
 @pytest.fixture(scope="module")
 def ep_runs(cache_dir, tmp_path_factory):
     """ep=2 with DDP for both families (reused by the resume tests)."""
-    env = {**os.environ, "SMOLPRETRAIN_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "DS_ACCELERATOR": "cpu", "PYTHONFAULTHANDLER": "1"}
+    env = _module_env(cache_dir)
     root = tmp_path_factory.mktemp("ep")
     for preset in ("jetmoe-tiny", "doge-tiny-moe"):
         proc = run_train([*COMMON, *EP, f"model={preset}", f"trainer.output_dir={root / preset}"], env, nproc=2)
@@ -64,10 +69,36 @@ def test_ddp_expert_parallel_equals_one_process(preset, references, ep_runs):
     _check_against_reference(ep_runs / preset, references[preset])
 
 
-@pytest.mark.parametrize("preset", ["jetmoe-tiny", "doge-tiny-moe"])
-def test_zero2_expert_parallel_equals_one_process(preset, references, tmp_path, env):
-    run_train([*COMMON, *EP, "parallel=zero2", f"model={preset}", f"trainer.output_dir={tmp_path}"], env, nproc=2)
+@pytest.fixture(scope="module")
+def zero2_jetmoe_run(cache_dir, tmp_path_factory):
+    """jetmoe-tiny at ep=2 under ZeRO-2 (reused by the resume test)."""
+    out = tmp_path_factory.mktemp("ep-zero2") / "jetmoe-tiny"
+    run_train([*COMMON, *EP, "parallel=zero2", "model=jetmoe-tiny", f"trainer.output_dir={out}"], _module_env(cache_dir),
+              nproc=2)
+    return out
+
+
+def test_zero2_expert_parallel_equals_one_process(references, zero2_jetmoe_run):
+    _check_against_reference(zero2_jetmoe_run, references["jetmoe-tiny"])
+
+
+@pytest.mark.parametrize("parallel,preset", [("zero2", "doge-tiny-moe"), ("zero1", "jetmoe-tiny")])
+def test_zero_expert_parallel_equals_one_process(parallel, preset, references, tmp_path, env):
+    run_train([*COMMON, *EP, f"parallel={parallel}", f"model={preset}", f"trainer.output_dir={tmp_path}"], env,
+              nproc=2)
     _check_against_reference(tmp_path, references[preset])
+
+
+def test_zero2_expert_parallel_checkpoint_resumes_without_expert_parallelism(zero2_jetmoe_run, tmp_path, env):
+    """DeepSpeed's ZeRO-2 partitions hold the expert slices at ep=2 and whole experts at ep=1: the
+    name-keyed optimizer state carries a run across, through DeepSpeed's fragment API both ways."""
+    out = tmp_path / "resumed"
+    run_train([*COMMON, "parallel=zero2", "model=jetmoe-tiny", f"trainer.output_dir={out}", "trainer.max_steps=7",
+               f"trainer.resume={zero2_jetmoe_run / 'checkpoints' / 'step-5'}"], env, nproc=2)
+    reference, resumed = losses(zero2_jetmoe_run), losses(out)
+    assert sorted(resumed) == [6, 7]
+    for step in (6, 7):
+        assert abs(resumed[step] - reference[step]) <= 1e-6, (step, resumed[step], reference[step])
 
 
 @pytest.mark.parametrize("preset,expert_params", [("jetmoe-tiny", 65536), ("doge-tiny-moe", 8192)])

@@ -161,11 +161,14 @@ def test_slurm_sigterm_reaches_the_ranks_and_requeues_the_job(tmp_path, fake_slu
 
 
 def test_slurm_finished_or_failed_run_is_not_requeued(tmp_path, fake_slurm):
+    """The finished run is a pipeline over the job's 2 GPUs: slurm.sbatch's ranks make its stages."""
     log, slurm_env = fake_slurm
     out = tmp_path / "run"
-    proc = subprocess.run(["/bin/bash", str(REPO / "launch" / "slurm.sbatch"), *TINY, f"trainer.output_dir={out}"], env=slurm_env,
+    proc = subprocess.run(["/bin/bash", str(REPO / "launch" / "slurm.sbatch"), *TINY, "parallel=zero1",
+                           "parallel.pipeline_stages=2", f"trainer.output_dir={out}"], env=slurm_env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "pipeline stage 1:" in proc.stderr  # two stages ran
     assert sorted(losses(out)) == [1, 2] and (out / "status").read_text().strip() == "finished"
     assert "requeue" not in log.read_text()
     # a run that fails (a missing checkpoint to resume) exits non-zero and is not requeued either

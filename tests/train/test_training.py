@@ -30,6 +30,11 @@ def test_quickstart_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path, e
     # the data counters: every trained token of the source, and the held-out documents it skipped
     assert records[-1]["data/python-stdlib/tokens"] == records[-1]["tokens"]
     assert records[-1]["data/python-stdlib/skipped_heldout"] > 0 and records[-1]["data/python-stdlib/documents"] > 0
+    # ... and the console says so at the end, with the same counts
+    counts = {what: records[-1][f"data/python-stdlib/skipped_{key}"]
+              for key, what in (("empty", "empty"), ("heldout", "held out"), ("fetch", "failed to fetch"))}
+    line = f"documents skipped per source: { {'python-stdlib': {k: v for k, v in counts.items() if v}} }"
+    assert line in proc.stderr, (line, proc.stderr[-3000:])
     final = out / "checkpoints" / "step-60"
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-60"
     assert str(final.resolve()) in proc.stderr  # says where
