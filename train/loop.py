@@ -358,11 +358,8 @@ def _train(run: RunConfig, topology: Topology, config_dict: dict, preemption: _P
         from .plot import plot_run
 
         plot_run(output_dir)  # never raises: a failure is a warning
-    per_source = loader.source_stats()
+    totals = _run_counters(loader, topology)
     skips = {"skipped_empty": "empty", "skipped_heldout": "held out", "skipped_fetch": "failed to fetch"}
-    fields = ("tokens", *skips)
-    summed = iter(topology.dp_sum(*(float(v[f]) for v in per_source.values() for f in fields)))
-    totals = {name: {f: int(next(summed)) for f in fields} for name in per_source}
     if topology.is_main and last_checkpoint is not None:
         logger.info("tokens trained per source: %s", {k: v["tokens"] for k, v in totals.items()})
         skipped = {name: {what: v[f] for f, what in skips.items() if v[f]} for name, v in totals.items()}
@@ -419,15 +416,21 @@ def _score_checkpoint(path: Path, run: RunConfig, topology: Topology, metrics: M
     topology.barrier()
 
 
-def _data_counters(loader, topology: Topology) -> dict:
-    """Per source, over all data-parallel ranks: tokens trained, documents read, documents skipped
-    (empty, held out, failed fetch) and epochs, as `data/<source>/<field>` metrics."""
+def _run_counters(loader, topology: Topology) -> dict[str, dict[str, int]]:
+    """Per source, over all data-parallel ranks (collective): tokens trained, documents read, documents
+    skipped (empty, held out, failed fetch) and epochs."""
     counters = loader.counters()
     if topology.dp_size > 1:
         gathered = [None] * topology.dp_size
         torch.distributed.all_gather_object(gathered, counters, group=topology.dp_group)
         counters = merge_counters(gathered)
-    return {f"data/{source}/{field}": value for source, fields in counters.items() for field, value in fields.items()}
+    return counters
+
+
+def _data_counters(loader, topology: Topology) -> dict:
+    """`_run_counters` as `data/<source>/<field>` metrics."""
+    return {f"data/{source}/{field}": value
+            for source, fields in _run_counters(loader, topology).items() for field, value in fields.items()}
 
 
 def _expert_load(counts: torch.Tensor) -> dict:

@@ -26,12 +26,17 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("smolpretrain-cache")
 
 
-@pytest.fixture()
-def env(cache_dir):
+def train_env(cache_dir) -> dict:
+    """The environment of a `python -m train` subprocess in the tests (also for module-scoped runs)."""
     e = dict(os.environ)
     e.update(SMOLPRETRAIN_CACHE=str(cache_dir), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu",
              PYTHONFAULTHANDLER="1")  # a crashing rank prints where it was
     return e
+
+
+@pytest.fixture()
+def env(cache_dir):
+    return train_env(cache_dir)
 
 
 def run_train(overrides: list[str], env: dict, nproc: int = 1, check: bool = True, timeout: int = 300,

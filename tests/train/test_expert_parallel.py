@@ -14,7 +14,7 @@ import torch
 import models
 from train.config import RunConfigError, validate
 
-from .conftest import FAST, REPO, compose, losses, metrics, one_process_reference, run_train
+from .conftest import FAST, compose, losses, metrics, one_process_reference, run_train, train_env
 
 STEPS = 10
 COMMON = [*FAST, f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", "scheduler.warmup=2",
@@ -33,16 +33,10 @@ def references(cache_dir, tmp_path_factory):
     return out
 
 
-def _module_env(cache_dir) -> dict:
-    """The `env` fixture's environment, for module-scoped runs."""
-    return {**os.environ, "SMOLPRETRAIN_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-            "DS_ACCELERATOR": "cpu", "PYTHONFAULTHANDLER": "1"}
-
-
 @pytest.fixture(scope="module")
 def ep_runs(cache_dir, tmp_path_factory):
     """ep=2 with DDP for both families (reused by the resume tests)."""
-    env = _module_env(cache_dir)
+    env = train_env(cache_dir)
     root = tmp_path_factory.mktemp("ep")
     for preset in ("jetmoe-tiny", "doge-tiny-moe"):
         proc = run_train([*COMMON, *EP, f"model={preset}", f"trainer.output_dir={root / preset}"], env, nproc=2)
@@ -73,7 +67,7 @@ def test_ddp_expert_parallel_equals_one_process(preset, references, ep_runs):
 def zero2_jetmoe_run(cache_dir, tmp_path_factory):
     """jetmoe-tiny at ep=2 under ZeRO-2 (reused by the resume test)."""
     out = tmp_path_factory.mktemp("ep-zero2") / "jetmoe-tiny"
-    run_train([*COMMON, *EP, "parallel=zero2", "model=jetmoe-tiny", f"trainer.output_dir={out}"], _module_env(cache_dir),
+    run_train([*COMMON, *EP, "parallel=zero2", "model=jetmoe-tiny", f"trainer.output_dir={out}"], train_env(cache_dir),
               nproc=2)
     return out
 

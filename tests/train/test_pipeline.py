@@ -15,7 +15,7 @@ import torch
 
 from train.config import RunConfigError, validate
 
-from .conftest import FAST, REPO, compose, losses, metrics, one_process_reference, run_train
+from .conftest import FAST, REPO, compose, losses, metrics, one_process_reference, run_train, train_env
 
 STEPS = 10
 # 4 micro-batches of 2 rows per step, document masking on, held-out evaluation twice
@@ -38,10 +38,7 @@ def _compare(single, piped, keys=("loss", "aux_loss", "eval_loss"), tolerance=TO
 @pytest.fixture(scope="module")
 def moe_runs(tmp_path_factory, cache_dir):
     """doge-tiny-moe (tied embeddings, router statistics across stages) in one process and in 2 stages."""
-    import os
-
-    env = {**os.environ, "SMOLPRETRAIN_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "DS_ACCELERATOR": "cpu", "PYTHONFAULTHANDLER": "1"}
+    env = train_env(cache_dir)
     root = tmp_path_factory.mktemp("pipeline-moe")
     run_train([*COMMON, "model=doge-tiny-moe", f"trainer.output_dir={root / 'single'}"], env)
     run_train([*COMMON, *PIPE, "model=doge-tiny-moe", f"trainer.output_dir={root / 'piped'}"], env, nproc=2)
