@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: quickstart test bench clean-venv
+.PHONY: quickstart test test-fast bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,12 +28,24 @@ test: $(STAMP)
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status
 
+# The fast tier: every model and every layout (layouts on in-process ranks, tests/ranks.py), no door test
+# (no trainer or launcher started as a subprocess) and nothing marked slow. Run it often.
+test-fast: $(STAMP)
+	@$(PY) -m pytest -q -n 2 --dist loadfile -m "not door and not slow" tests; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; fi; \
+	exit $$status
+
 bench: $(STAMP)
 	$(PY) -m train.bench_models
 	$(PY) -m train.bench_models --compile --case doge-20m
 	$(PY) -m train.bench_memory
 	$(PY) -m train.bench_data
 	$(PY) -m train.bench_parallel
+
+# On a GPU machine, first: each engine in bf16 for a few steps, saved and resumed, losses against fp32,
+# tokens/s, MFU and peak memory per rank (train/gpu_check.py). On a CPU it skips what needs GPUs.
+gpu-check: $(STAMP)
+	$(PY) -m train.gpu_check
 
 clean-venv:
 	rm -rf $(VENV)

@@ -10,12 +10,13 @@ Knows nothing of models or training.
 """
 
 from .heldout import HeldOut, eval_batches
-from .pipeline import COUNTER_FIELDS, DataConfig, EvalConfig, PackedRows, TokenLoader, merge_counters, mixture_weights
+from .pipeline import (COUNTER_FIELDS, DataConfig, EvalConfig, PackedRows, TokenLoader, log_mixture, merge_counters,
+                       mixture_weights)
 from .sources import BUILTIN_PYTHON_STDLIB, DataError, DocumentStream, SourceConfig
 from .tokenizer import TextTokenizer, TokenizerConfig, build_tokenizer, check_vocab
 
 __all__ = [
     "BUILTIN_PYTHON_STDLIB", "COUNTER_FIELDS", "DataConfig", "DataError", "DocumentStream", "EvalConfig", "HeldOut",
     "PackedRows", "SourceConfig", "TextTokenizer", "TokenLoader", "TokenizerConfig", "build_tokenizer", "check_vocab",
-    "eval_batches", "merge_counters", "mixture_weights",
+    "eval_batches", "log_mixture", "merge_counters", "mixture_weights",
 ]

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import Iterator, Optional, Protocol
 
 import numpy as np
 import torch
@@ -28,10 +28,15 @@ from .pretokenize import PretokenizedStream, is_pretokenized
 from .sources import DataError, DocumentStream, SourceConfig
 from .tokenizer import TextTokenizer, TokenizerConfig, default_cache_dir
 
-if TYPE_CHECKING:
-    from .heldout import HeldOut
-
 logger = logging.getLogger(__name__)
+
+
+class Exclusions(Protocol):
+    """What the loader needs of the held-out set (heldout.HeldOut): the hashes of documents it must skip.
+    A protocol, so that this module does not import heldout.py, which builds on it."""
+
+    exclude: set
+
 
 # Per source, what `TokenLoader.counters()` reports: tokens trained (exact), documents read, documents
 # skipped (empty or whitespace-only, held out for evaluation, failed to fetch), and the epoch (passes
@@ -80,22 +85,27 @@ class DataConfig:
 
 def mixture_weights(sources: list[SourceConfig]) -> tuple[list[SourceConfig], list[float]]:
     """Sources with a positive weight and their weights normalised to sum to 1. A negative weight is an
-    error; a zero weight drops the source (so an override can switch one off); weights that do not sum
-    to 1 are normalised, and the result is logged."""
+    error; a zero weight drops the source (so an override can switch one off). Silent: every loader
+    node, the held-out set and the tokenizer ask for it; `log_mixture` says it once per run."""
     for s in sources:
         if s.weight < 0:
             raise DataError(f"source {s.name!r}: weight {s.weight} is negative; weights must be >= 0")
     kept = [s for s in sources if s.weight > 0]
-    dropped = [s.name for s in sources if s.weight == 0]
-    if dropped:
-        logger.warning("sources with weight 0 are left out: %s", dropped)
     if not kept:
         raise DataError("every source has weight 0: give at least one a positive weight")
     total = sum(s.weight for s in kept)
-    weights = [s.weight / total for s in kept]
-    if abs(total - 1.0) > 1e-6 and len(kept) > 1:
+    return kept, [s.weight / total for s in kept]
+
+
+def log_mixture(sources: list[SourceConfig]) -> None:
+    """The mixture as the run uses it: the sources left out (weight 0) and, when the weights do not sum
+    to 1, the normalised weights. The trainer calls it once, on rank 0."""
+    kept, weights = mixture_weights(sources)
+    dropped = [s.name for s in sources if s.weight == 0]
+    if dropped:
+        logger.info("sources with weight 0 are left out: %s", dropped)
+    if abs(sum(s.weight for s in kept) - 1.0) > 1e-6 and len(kept) > 1:
         logger.info("mixture weights normalised to %s", {s.name: round(w, 4) for s, w in zip(kept, weights)})
-    return kept, weights
 
 
 def open_stream(source: SourceConfig, node=0, num_nodes=1, read_batch=64, exclude=frozenset(), endless=True, fetcher=None,
@@ -333,7 +343,7 @@ class TokenLoader:
         tokenizer: TextTokenizer,
         rank: int = 0,
         world_size: int = 1,
-        heldout: "HeldOut | None" = None,
+        heldout: Exclusions | None = None,
         fetcher=None,
     ):
         self.cfg = cfg
@@ -479,10 +489,15 @@ class TokenLoader:
             and state["fingerprint"] == self._fingerprint()
         )
         if not same_layout:
+            # Say it in the keys a user sets: data-parallel ranks, and data.num_workers (0 and 1 both
+            # give one stream per rank, and a state records only the streams)
+            def workers(streams: int) -> str:
+                return "data.num_workers=0 or 1" if streams == 1 else f"data.num_workers={streams}"
+
             what = (
-                f"saved with world_size={state['world_size']}, num_workers={state['num_workers']}, data fingerprint "
-                f"{state['fingerprint']}; now world_size={self.world_size}, num_workers={self.num_logical}, "
-                f"fingerprint {self._fingerprint()}"
+                f"saved with {state['world_size']} data-parallel rank(s), {workers(state['num_workers'])}, data "
+                f"fingerprint {state['fingerprint']}; now {self.world_size} data-parallel rank(s), "
+                f"data.num_workers={self.cfg.num_workers}, fingerprint {self._fingerprint()}"
             )
             if not self.cfg.allow_new_order:
                 raise DataError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import glob
 import hashlib
 import logging
@@ -92,11 +93,17 @@ def _configure_datasets() -> None:
 def stdlib_files() -> list[str]:
     """The standard library's .py files in a fixed pseudo-random order (by a hash of the relative path).
     Alphabetical order would stream whole packages in a row (dozens of near-identical codec tables in
-    `encodings/`), which is no way to train or to pick held-out documents."""
+    `encodings/`), which is no way to train or to pick held-out documents. Listed once per process (the
+    held-out set, the loader and the evaluation batches each open the source; the tree does not change)."""
+    return list(_stdlib_files())
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[str, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__"}
     files = [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)]
-    return [str(p) for p in sorted(files, key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).digest())]
+    return tuple(str(p) for p in sorted(files, key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).digest()))
 
 
 def _read_files(paths: list[str]):
@@ -488,7 +495,9 @@ class DocumentStream:
             self.epoch += 1
             self._documents_this_epoch = 0
             self._pass_start = self.stats.as_dict()
-            logger.info("source %s (node %d): epoch %d begins", self.cfg.name, self.node, self.epoch)
+            # per node (rank x loader worker), so many lines for one fact: the run's last lines say which
+            # sources repeated and how often, and data/<source>/epoch in metrics.jsonl follows it
+            logger.debug("source %s (node %d): epoch %d begins", self.cfg.name, self.node, self.epoch)
             self._pending, self._consumed = [], 0
             self._start_epoch(None)
 

@@ -109,7 +109,7 @@ def load_pretrained(name_or_path: str) -> TextTokenizer:
         raise DataError(
             f"tokenizer {name_or_path!r}: could not load it ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:300] if str(exc) else ''}). Offline? Download it elsewhere and pass its "
-            f"folder, or use tokenizer.name_or_path=bpe to train one on the corpus."
+            f"folder, or use data.tokenizer.name_or_path=bpe to train one on the corpus."
         ) from exc
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:

@@ -11,5 +11,7 @@ if [ -z "${NUM_GPUS:-}" ]; then
     NUM_GPUS=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the deepspeed launcher does not set it
-exec $PY -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
+# the deepspeed launcher through train.launch: the run's own exit status (2 refused, 75 stopped, 1 failed);
+# SIGTERM / SIGINT reach the ranks, which checkpoint and stop
+exec $PY -m train.launch deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
     --module train "$@"

@@ -15,4 +15,6 @@ fi
 if [ "$NPROC" -gt 0 ] && ! $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 fi
-exec $PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m train "$@"
+# torchrun through train.launch: the run's own exit status (2 refused, 75 stopped, 1 failed) and message,
+# not torchrun's status 1 and report; SIGTERM / SIGINT reach the ranks, which checkpoint and stop
+exec $PY -m train.launch torchrun --standalone --nproc_per_node "$NPROC" -m train "$@"

@@ -155,15 +155,13 @@ def _eager_attention(q, k, v, mask, scale, key_bias, key_keep, dropout_p):
 def _sdpa_attention(q, k, v, mask, scale, key_bias, key_keep, dropout_p):
     B, H, L, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    gqa = H != Hkv
     if key_keep is not None:
         # A per-query key selection is inherently (B, Hkv, L, S); expand it to H heads for SDPA.
         allowed = mask.dense(L, S, q.device) & key_keep
         additive = _additive_mask(allowed, None if key_bias is None else key_bias[:, :, None, :], q.dtype)
-        if gqa:
+        if H != Hkv:
             additive = additive.repeat_interleave(H // Hkv, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
-        return out.transpose(1, 2)
+        return _sdpa(q, k, v, additive, dropout_p, scale).transpose(1, 2)
     if key_bias is not None:
         # A bias that depends on the key only is folded into the dot product, so no [L, S] bias tensor
         # is built and SDPA can still use its causal fast path:
@@ -175,8 +173,26 @@ def _sdpa_attention(q, k, v, mask, scale, key_bias, key_keep, dropout_p):
         k = torch.cat([k, (key_bias / scale).to(k.dtype).unsqueeze(-1), k.new_zeros(B, Hkv, S, pad - 1)], dim=-1)
         v = torch.cat([v, v.new_zeros(B, Hkv, S, pad)], dim=-1)
     if mask.is_plain_causal(L, S):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+        out = _sdpa(q, k, v, None, dropout_p, scale)
     else:
         additive = _additive_mask(mask.dense(L, S, q.device), None, q.dtype)  # (B|1, 1, L, S), broadcast over heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+        out = _sdpa(q, k, v, additive, dropout_p, scale)
     return out[..., :d].transpose(1, 2)
+
+
+def _sdpa(q, k, v, attn_mask, dropout_p, scale):
+    """F.scaled_dot_product_attention (causal when there is no `attn_mask`), with the grouped-query
+    heads handed over so that a fused CUDA kernel stays eligible. torch 2.13's CUDA kernels
+    (sdp_utils.cpp): flash reads Hkv heads itself (enable_gqa) but refuses any attn_mask and fp32;
+    memory-efficient takes a mask and fp32 but not GQA; what neither takes falls to the math kernel,
+    which materialises fp32 (B, H, L, S) scores and keeps the probabilities for backward. So where
+    flash cannot run (a mask, or fp32 on CUDA) K and V are repeated to all H heads, which makes the
+    call eligible for memory-efficient: (B, H, S, d) copies, small next to the (B, H, L, S) scores they
+    avoid. The CPU's fused kernel takes masks with GQA, but the rule is kept device-independent for
+    masks so that the CPU tests exercise the call CUDA makes."""
+    H, Hkv = q.shape[1], k.shape[1]
+    flash_eligible = attn_mask is None and (q.dtype in (torch.float16, torch.bfloat16) or q.device.type != "cuda")
+    if H != Hkv and not flash_eligible:
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=attn_mask is None, scale=scale, enable_gqa=k.shape[1] != H)

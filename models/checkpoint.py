@@ -205,26 +205,41 @@ def save_model_dir(
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            name = shard_name(i, len(shards))
             _atomic_write_bytes(directory / name, save_bytes(shard, metadata={"format": "pt"}))
             weight_map.update({k: name for k in shard})
             written.append(name)
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write_bytes(directory / WEIGHTS_INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+        write_weight_index(directory, weight_map, sum(v.numel() * v.element_size() for v in state.values()))
         written.append(WEIGHTS_INDEX_NAME)
     # Stale weight files from an earlier save in this directory would be read instead of (or mixed
     # with) the new ones.
     for old in directory.iterdir():
         if _OUR_WEIGHT_FILES.match(old.name) and old.name not in written:
             old.unlink()
+    write_config_files(config, directory, dtype_name)
+    return directory
+
+
+def shard_name(index: int, count: int) -> str:
+    """The name transformers gives the index-th (1-based) of `count` weight files."""
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def write_weight_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json: which file holds each tensor (what transformers reads for sharded
+    weights)."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    _atomic_write_bytes(directory / WEIGHTS_INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+
+
+def write_config_files(config: "ModelConfig", directory: Path, dtype_name: str | None) -> None:
+    """config.json (with the weights' dtype) and generation_config.json."""
     _atomic_write_bytes(directory / CONFIG_NAME, config.to_json_string(dtype=dtype_name).encode())
     generation = generation_config(config)
     if generation:
         _atomic_write_bytes(directory / GENERATION_CONFIG_NAME, (json.dumps(generation, indent=2) + "\n").encode())
     else:
         (directory / GENERATION_CONFIG_NAME).unlink(missing_ok=True)  # a stale one would stop generation wrongly
-    return directory
 
 
 def generation_config(config: "ModelConfig") -> dict:

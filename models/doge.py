@@ -37,7 +37,7 @@ from .attention import VisibilityMask, attention, split_heads
 from .base import CausalLM, DecoderLayer
 from .configuration import ModelConfig
 from .layers import GatedMLP, RMSNorm, RotaryEmbedding, activation, apply_rope_half
-from .moe import RankOneExperts, RouterStats, count_picks, load_balancing_loss
+from .moe import RankOneExperts, RouterStats, count_picks, dispatch_dtype, load_balancing_loss
 
 ROUTER_LAYOUTS = ("per_token", "transformers")
 
@@ -121,20 +121,24 @@ class DogeConfig(ModelConfig):
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def to_hf_dict(self, dtype: str | None = None) -> dict:
+        # For a MoE, output_router_logits stays as configured (false by default): the exported model is
+        # ready for inference (transformers' batched generate() with padding fails in its load-balancing
+        # loss otherwise); pass output_router_logits=True to transformers to get the aux loss.
         out = super().to_hf_dict(dtype)
         if out["head_dim"] is None:
             del out["head_dim"]  # transformers reads a present head_dim even when null
-        if self.is_moe:
-            # output_router_logits stays as configured (false by default): the exported model is ready
-            # for inference (transformers' batched generate() with padding fails in its load-balancing
-            # loss otherwise); pass output_router_logits=True to transformers to get the aux loss.
-            if self.router_layout == "per_token":
-                warnings.warn(
-                    "exporting a Doge MoE with router_layout='per_token': transformers routes with its own "
-                    "view(2, N, K) layout and will compute different logits from these weights",
-                    stacklevel=3,
-                )
         return out
+
+    def to_json_string(self, dtype: str | None = None) -> str:
+        # The warning belongs to writing config.json (an export transformers will load), not to
+        # to_hf_dict, which also serves comparisons (the trainer's on resume) where nothing is exported.
+        if self.is_moe and self.router_layout == "per_token":
+            warnings.warn(
+                "exporting a Doge MoE with router_layout='per_token': transformers routes with its own "
+                "view(2, N, K) layout and will compute different logits from these weights",
+                stacklevel=2,
+            )
+        return super().to_json_string(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,7 +268,8 @@ class CrossDomainMoE(GatedMLP):
             weights = weights / weights.sum(dim=-1, keepdim=True)
 
         # Rank-1 experts: gate_e = act(<down_embed[e], h>) * w_e, output Σ_e gate_e · up_embed[e].
-        routed = self.experts(h, experts, weights, self.down_embed.weight, self.up_embed.weight)
+        # h in the autocast dtype (see models.moe.dispatch_dtype): expert parallelism all-gathers it
+        routed = self.experts(dispatch_dtype(h), experts, weights, self.down_embed.weight, self.up_embed.weight)
         out = super().forward(x) + routed.view(B, S, D).to(x.dtype)
         return out, self.router_stats(scores_x, scores_y, experts, token_mask)
 

@@ -15,7 +15,9 @@ with the gates, and one bias is added.
 
 Routers: top-k of the logits, softmax over those k only. Expert compute groups the (token, slot) pairs
 by expert with tensor ops (argsort, counts, cumsum) and runs one grouped GEMM per projection, so the
-host never waits for the device (transformers reads the group sizes back with `.tolist()`).
+host does not wait for the device (transformers reads the group sizes back with `.tolist()`), except
+where torch's grouped GEMM itself loops over the groups on CUDA (fp32, or GPUs other than sm90/sm100:
+see models.moe._grouped_mm_fits).
 
 Matches transformers 5.23's JetMoeForCausalLM (config.json, key names, logits, cross-entropy). One
 deliberate difference: transformers lists the MoA router twice in `router_logits`, so its aux loss
@@ -34,7 +36,15 @@ from .attention import VisibilityMask, attention, split_heads
 from .base import CausalLM, DecoderLayer
 from .configuration import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding, activation, apply_rope_half
-from .moe import ExpertDispatch, ExpertDispatcher, Experts, TopKRouter, load_balancing_loss, softmax_router_stats
+from .moe import (
+    ExpertDispatch,
+    ExpertDispatcher,
+    Experts,
+    TopKRouter,
+    dispatch_dtype,
+    load_balancing_loss,
+    softmax_router_stats,
+)
 
 # transformers builds the two per-layer norms without passing eps, so they always use 1e-6;
 # only the final norm reads rms_norm_eps.
@@ -136,7 +146,7 @@ class JetMoeAttention(nn.Module):
         plan = ExpertDispatch.plan(chosen, self.experts.num_experts)
 
         # Queries: one projection per (token, selected expert), back in (token, slot) order.
-        q_sorted = self.experts.dispatcher(h[plan.token], plan, self.experts.input_linear)
+        q_sorted = self.experts.dispatcher(dispatch_dtype(h[plan.token]), plan, self.experts.input_linear)
         q = torch.empty_like(q_sorted).index_copy_(0, plan.order, q_sorted)  # (B*L*k, Hkv*hd)
         # (B, L, k, Hkv, hd) -> heads grouped under their kv head: (B, Hkv*k, L, hd)
         q = q.view(B, L, k_slots, Hkv, hd).permute(0, 3, 2, 1, 4).reshape(B, Hkv * k_slots, L, hd)
@@ -150,7 +160,8 @@ class JetMoeAttention(nn.Module):
         out = out.view(B, L, Hkv, k_slots, hd).transpose(2, 3).reshape(B * L * k_slots, Hkv * hd)
 
         # Output projections of the selected experts, gated, summed per token, one bias.
-        y = self.experts.dispatcher(out[plan.order], plan, self.experts.output_linear) * gates.reshape(-1)[plan.order, None]
+        y = self.experts.dispatcher(dispatch_dtype(out[plan.order]), plan, self.experts.output_linear)
+        y = y * gates.reshape(-1)[plan.order, None]
         y = y.new_zeros(B * L, D).index_add_(0, plan.token, y)
         y = y.view(B, L, D) + self.experts.bias
         return y, softmax_router_stats(logits, chosen, mask.token_mask)
@@ -182,7 +193,7 @@ class JetMoeMoE(nn.Module):
         h = x.reshape(B * L, D)
         gates, chosen, logits = self.router(h)
         plan = ExpertDispatch.plan(chosen, self.num_experts)
-        y = self.dispatcher(h[plan.token], plan, self.expert_mlp) * gates.reshape(-1)[plan.order, None]
+        y = self.dispatcher(dispatch_dtype(h[plan.token]), plan, self.expert_mlp) * gates.reshape(-1)[plan.order, None]
         y = y.new_zeros(B * L, D).index_add_(0, plan.token, y)
         return y.view(B, L, D) + self.bias, softmax_router_stats(logits, chosen, token_mask)
 

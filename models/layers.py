@@ -85,7 +85,9 @@ def validate_rope_parameters(rope: dict) -> None:
 
 
 def _base_inv_freq(base, dim: int, device=None) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+    # transformers' expression, with the arange made on `device` (not made on the host and copied: a
+    # host-to-device copy waits for the device, and dynamic RoPE calls this in every layer's forward)
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
 
 
 def rope_frequencies(rope: dict, rotary_dim: int, max_position_embeddings: int, device=None):
@@ -137,10 +139,10 @@ def rope_frequencies(rope: dict, rotary_dim: int, max_position_embeddings: int, 
         low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
-        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-        pos_freqs = base ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float) / dim)
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
+        pos_freqs = base ** (torch.arange(0, dim, 2, device=device).float() / dim)
         extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
-        extrapolation_factor = 1 - ramp.to(device=device, dtype=torch.float)
+        extrapolation_factor = 1 - ramp
         inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
         return inv_freq, attention_factor
     raise ValueError(f"rope_type {rope_type!r} is not supported; choose one of {ROPE_TYPES}")
@@ -190,7 +192,7 @@ class RotaryEmbedding(nn.Module):
         seq_len = torch.max(position_ids) + 1
         max_pos = self.max_position_embeddings
         factor, dim = self.rope["factor"], self.rotary_dim
-        grown = torch.maximum(seq_len, torch.tensor(max_pos, dtype=seq_len.dtype, device=seq_len.device))
+        grown = seq_len.clamp(min=max_pos)  # max(seq_len, max_pos) on the device: no host sync
         base = self.rope["rope_theta"] * ((factor * grown / max_pos) - (factor - 1)) ** (dim / (dim - 2))
         scaled = _base_inv_freq(base, dim, position_ids.device)
         return torch.where(seq_len > max_pos, scaled, self.inv_freq.float())

@@ -72,17 +72,23 @@ def objective(cross_entropy: torch.Tensor, aux_loss: torch.Tensor | None, aux_co
 # drops the chunk. The backward only scales the stored gradients by the incoming (scalar) gradient.
 # The same idea as liger-kernel's fused linear cross-entropy and torchtitan's/OLMo-core's chunked loss.
 
-# Rows per chunk: enough that the chunk's fp32 logits stay near this many bytes, and never fewer than
-# MIN_CHUNK_ROWS: the weight gradient is accumulated by one GEMM per chunk whose inner dimension is the
-# chunk's rows and whose output is the whole (vocab, hidden) gradient, so few rows make it a pass over
-# that gradient's memory for little arithmetic (measured on CPU, GLM-4's vocabulary, 1024 tokens:
-# 110 rows per chunk 1.35x slower than 1024).
-CHUNK_BYTES = 64 * 1024**2
-MIN_CHUNK_ROWS = 512
+# Rows per chunk: enough that the chunk's fp32 logits stay near a byte budget, and never fewer than a
+# minimum: the weight gradient is accumulated by one GEMM per chunk whose inner dimension is the chunk's
+# rows and whose output is the whole (vocab, hidden) gradient, so few rows make it a pass over that
+# gradient's memory for little arithmetic (measured on CPU, GLM-4's vocabulary, 1024 tokens: 110 rows
+# per chunk 1.35x slower than 1024). On CUDA the caching allocator hands a large chunk out for free
+# and the GEMMs need many rows to fill the GPU, so the budget is 8x the CPU's and the minimum 2x: a
+# 32k vocabulary gets 4096-row chunks (8 chunks for 32k tokens, not 64), GLM-4's 151552 gets 1024 rows
+# (620 MB of fp32 logits). Chosen, not yet measured on a GPU.
+CHUNK_BUDGET = {  # device type -> (bytes of fp32 logits per chunk, minimum rows); other devices: the CPU's
+    "cpu": (64 * 1024**2, 512),
+    "cuda": (512 * 1024**2, 1024),
+}
 
 
-def chunk_rows(vocab_size: int, budget: int = CHUNK_BYTES) -> int:
-    return max(MIN_CHUNK_ROWS, budget // (4 * vocab_size))
+def chunk_rows(vocab_size: int, device_type: str = "cpu") -> int:
+    budget, min_rows = CHUNK_BUDGET.get(device_type, CHUNK_BUDGET["cpu"])
+    return max(min_rows, budget // (4 * vocab_size))
 
 
 def chunk_loss_and_grad_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_grad: bool,
@@ -113,6 +119,24 @@ def chunk_loss_and_grad_logits(hidden: torch.Tensor, weight: torch.Tensor, targe
     return loss, grad_logits.to(hidden.dtype)
 
 
+def _add_weight_gradient(grad_weight: torch.Tensor | None, grad_logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """grad_weight + grad_logitsᵀ·h in fp32 (grad_weight None: the first chunk's product), with each
+    chunk's product kept in fp32 before the sum: rounded to bf16, every chunk would lose its low bits."""
+    if grad_logits.dtype == torch.float32:
+        if grad_weight is None:
+            return grad_logits.t() @ h
+        return grad_weight.addmm_(grad_logits.t(), h)  # in place: no (vocab, hidden) temporary
+    if h.device.type == "cuda":
+        # bf16 tensor-core GEMM with an fp32 output (torch.mm's out_dtype, which only CUDA implements). An
+        # addmm into the accumulator would save the (vocab, hidden) temporary, but addmm's out_dtype
+        # kernel has required the accumulator in the inputs' dtype in some torch versions.
+        product = torch.mm(grad_logits.t(), h, out_dtype=torch.float32)
+        return product if grad_weight is None else grad_weight.add_(product)
+    # Elsewhere an fp32 GEMM on the upcast inputs, in place. On a CPU without bf16 units it is also the
+    # faster one (measured here: (32768, 256) weight, 512 rows: 4.8 s in bf16, 0.5 s in fp32).
+    return _add_weight_gradient(grad_weight, grad_logits.float(), h.float())
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, need_grad: bool, rows: int, chunk_fn):
@@ -135,12 +159,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 loss += part
                 if need_grad:
                     torch.mm(grad_logits, w, out=grad_hidden[start:end])
-                    if grad_weight is None:
-                        grad_weight = (grad_logits.t() @ h[start:end]).float()
-                    elif grad_logits.dtype == grad_weight.dtype:
-                        grad_weight.addmm_(grad_logits.t(), h[start:end])  # in place: no (vocab, hidden) temporary
-                    else:  # bf16 products, fp32 sum over chunks
-                        grad_weight += grad_logits.t() @ h[start:end]
+                    grad_weight = _add_weight_gradient(grad_weight, grad_logits, h[start:end])
         if need_grad:
             if grad_weight is None:  # no tokens
                 grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
@@ -168,5 +187,5 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, shift_l
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = shift_labels.reshape(-1).to(hidden.device)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropySum.apply(hidden, weight, targets, need_grad, rows or chunk_rows(weight.shape[0]),
-                                        chunk_fn)
+    rows = rows or chunk_rows(weight.shape[0], hidden.device.type)
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, need_grad, rows, chunk_fn)

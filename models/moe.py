@@ -88,32 +88,74 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+# On CUDA every expert's rows are padded to a multiple of this many rows before torch's grouped GEMM,
+# as DeepSpeed's AutoEP (TOKEN_GROUP_ALIGN_SIZE_M = 8 for bf16) and torchtitan do. torch's grouped GEMM
+# kernels (CUTLASS and cuBLASLt, read in torch's sources, not run) assert 16-byte aligned group
+# boundaries where the grouped dimension is the contiguous one; ours are row-major with the grouped
+# dimension outermost, which by that reading needs no padding, but that is unconfirmed on a GPU, and
+# the padding costs one copy of the rows in and one out.
+GROUP_ALIGN_ROWS = 8
+
+
 def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not hasattr(F, "grouped_mm"):
+    """Whether torch's grouped GEMM takes these operands; where it does not, `grouped_linear` masks.
+
+    Which path runs where (torch 2.13 on CPU, run; on CUDA as read in torch's GroupedBlas.cpp and
+    GroupedMMUtils.h, not run):
+      * eager, CPU: grouped_mm for fp32 and bf16 (its CPU kernel loops over groups);
+      * eager, CUDA, bf16: grouped_mm, a grouped GEMM kernel on sm90/sm100 (no host sync); on other GPUs
+        torch loops over the groups itself, reading the group ends back to the host once per call;
+      * eager, CUDA, fp32: grouped_mm too: torch's per-group loop (one mm per expert group, one host read
+        of the group ends per call). The masked fallback would cost E/k times the FLOPs instead;
+      * compiled (any device), not bf16: the masked fallback. The meta kernel that compile traces
+        with takes bf16 only ("Expected inputs of BF16 type"); the fallback keeps the graph whole.
+    Always: the weight's matrix dims must be 16-byte multiples (the kernels' stride rule)."""
+    if not hasattr(F, "grouped_mm") or x.dtype != weight.dtype:
         return False
     aligned = all((n * x.element_size()) % 16 == 0 for n in weight.shape[1:])
-    if x.device.type == "cpu":
-        # inductor lowers grouped_mm on CPU for bf16 only (torch 2.13: "Expected inputs of BF16 type");
-        # compiled fp32 graphs take the masked fallback instead of breaking the graph.
-        return aligned and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
-    # CUDA kernels take bf16 (sm80+); other dtypes use the fallback below.
-    return aligned and x.dtype == weight.dtype == torch.bfloat16
+    if torch.compiler.is_compiling():
+        return aligned and x.dtype == torch.bfloat16
+    return aligned and x.dtype in (torch.float32, torch.bfloat16)
 
 
-def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, group_end: torch.Tensor) -> torch.Tensor:
+def _padded_groups(group_end: torch.Tensor, rows: int, align: int):
+    """Each expert's rows padded to a multiple of `align`: (destination of every sorted row, padded group
+    ends (int32), padded row count). Tensor ops only; the padded count is the static bound
+    rows + E·(align − 1), so nothing is read back to the host."""
+    counts = torch.diff(group_end, prepend=group_end.new_zeros(1))
+    padded_counts = (counts + align - 1) // align * align
+    padded_end = torch.cumsum(padded_counts, 0, dtype=torch.int32)
+    moved = ((padded_end - padded_counts) - (group_end - counts)).long()  # each group's new start - old start
+    position = torch.arange(rows, device=group_end.device)
+    expert = torch.searchsorted(group_end, position.to(group_end.dtype), right=True)
+    destination = position + moved[expert]
+    return destination, padded_end, rows + group_end.shape[0] * (align - 1)
+
+
+def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, group_end: torch.Tensor,
+                   align_rows: int | None = None) -> torch.Tensor:
     """Row r of `x_sorted` (sorted by expert; expert e owns rows [group_end[e-1], group_end[e])) times
-    weight[expert_r]ᵀ, with no host synchronisation.
+    weight[expert_r]ᵀ.
 
-    Uses torch's grouped GEMM (one kernel over jagged groups, offsets stay on the device). Where that
-    kernel does not apply (e.g. fp32 on CUDA), falls back to one dense matmul per expert over all rows,
-    masked: E/k times the FLOPs, still sync-free; fine for the small E of JetMoE-style layers."""
+    Uses torch's grouped GEMM (offsets stay on the device) where it applies (`_grouped_mm_fits` says
+    where, and which syncs torch's own per-group loop costs). Elsewhere, one dense matmul per expert over
+    all rows, masked: E/k times the FLOPs, sync-free; fine for the small E of JetMoE-style layers.
+    `align_rows`: pad every group to a multiple of this many rows for the grouped GEMM (default:
+    GROUP_ALIGN_ROWS on CUDA, none elsewhere); the padding rows are zeros and are dropped after."""
     if torch.is_autocast_enabled(x_sorted.device.type):
         dtype = torch.get_autocast_dtype(x_sorted.device.type)
         x_sorted, weight = x_sorted.to(dtype), weight.to(dtype)
     else:
         x_sorted = x_sorted.to(weight.dtype)
     if _grouped_mm_fits(x_sorted, weight):
-        return _ContiguousGrad.apply(F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=group_end))
+        if align_rows is None:
+            align_rows = GROUP_ALIGN_ROWS if x_sorted.device.type == "cuda" else 1
+        if align_rows == 1:
+            return _ContiguousGrad.apply(F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=group_end))
+        destination, padded_end, padded_rows = _padded_groups(group_end, x_sorted.shape[0], align_rows)
+        padded = x_sorted.new_zeros(padded_rows, x_sorted.shape[1]).index_copy(0, destination, x_sorted)
+        out = _ContiguousGrad.apply(F.grouped_mm(padded, weight.transpose(1, 2), offs=padded_end))
+        return out.index_select(0, destination)
     out = x_sorted.new_zeros(x_sorted.shape[0], weight.shape[1])
     expert = torch.searchsorted(group_end, torch.arange(x_sorted.shape[0], device=x_sorted.device,
                                                         dtype=group_end.dtype), right=True)
@@ -121,6 +163,20 @@ def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, group_end: torc
         mine = (expert == e).unsqueeze(-1)
         out = torch.where(mine, F.linear(x_sorted, weight[e]), out)
     return out
+
+
+def dispatch_dtype(rows: torch.Tensor) -> torch.Tensor:
+    """`rows`, about to be handed to the experts (and under expert parallelism sent to other ranks), in
+    the autocast dtype when autocast is on for their device; unchanged otherwise (fp32 runs, DeepSpeed's
+    bf16 mode).
+
+    Under autocast RMSNorm returns fp32 (its fp32 weight times the fp32 residual stream), so without
+    this an expert-parallel exchange moves 4-byte activations where 2 bytes carry what the experts use:
+    they compute in the autocast dtype (`grouped_linear` casts first; CDMoE's dot products are autocast
+    einsums). Call it after gathering a token's k rows, so that their gradients are still summed in
+    fp32 before they reach the token."""
+    device_type = rows.device.type
+    return rows.to(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else rows
 
 
 class ExpertDispatcher(nn.Module):
@@ -204,8 +260,11 @@ def new_router_stats(num_routers: int, num_experts: int, device) -> torch.Tensor
 
 
 def record_router_stats(router_stats: torch.Tensor, router_index: int, stats: RouterStats) -> torch.Tensor:
-    """`router_stats` with row `router_index` set to `stats` (out of place, so autograd keeps both)."""
-    index = torch.tensor([router_index], device=router_stats.device)
+    """`router_stats` with row `router_index` set to `stats` (out of place, so autograd keeps both). The
+    index is filled on the device (torch.full): an index tensor made from a Python list would be a
+    host-to-device copy per router, and such a copy waits for the device. (Joining slices around the row
+    with torch.cat instead gave wrong gradients in compiled layers under torch 2.13's inductor.)"""
+    index = torch.full((1,), router_index, dtype=torch.long, device=router_stats.device)
     return router_stats.index_copy(0, index, stats.row()[None])
 
 
@@ -219,7 +278,7 @@ def count_picks(experts: torch.Tensor, num_experts: int, token_mask: torch.Tenso
     when a (B, S) token mask is given (tokens flattened batch-major, as the router sees them)."""
     weights = torch.ones(experts.shape, dtype=torch.float32, device=experts.device)
     if token_mask is None:
-        num_tokens = torch.tensor(float(experts.shape[0]), device=experts.device)
+        num_tokens = experts.new_full((), experts.shape[0], dtype=torch.float32)  # filled on the device: no copy
     else:
         m = token_mask.reshape(-1).to(device=experts.device, dtype=torch.float32)
         weights = weights * m[:, None]

@@ -25,3 +25,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# Tiers (Makefile): `make test-fast` runs neither `door` nor `slow` tests; `make test` runs everything.
+# A door test runs the trainer or a launcher as a user does, in a subprocess (`python -m train`,
+# torchrun, launch/*.sh, `python -m train.plot` ...): every test that takes one of these fixtures,
+# which are the subprocess environment and the module fixtures that start such runs.
+DOOR_FIXTURES = {"env", "moe_runs", "ep_runs", "zero2_jetmoe_run", "fake_slurm", "plan_env"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if DOOR_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.door)

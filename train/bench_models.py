@@ -11,7 +11,7 @@ Prints tokens/s of each and the ratio ours / transformers (> 1: we are faster). 
 transformers is timed twice: as it trains (`output_router_logits=True`, which adds its aux loss) and
 without its aux loss (the plain forward); ours always computes the aux loss, which training needs.
 `--compile` compiles our decoder layers and loss chunk as `trainer.compile=true` does
-(train/parallelize.py) in a fresh process with an empty inductor cache (cold), then again in a new
+(train/engines/parallelize.py) in a fresh process with an empty inductor cache (cold), then again in a new
 process over the cache the first one left (warm), and reports both compile times (the first step's
 time minus a steady step's) and the steady-state ratio against transformers eager.
 """
@@ -141,7 +141,7 @@ def compare(name: str, values: dict, batch: int, seq: int, steps: int, attn: str
 def compiled_child(args) -> None:
     """In this (fresh) process: our model compiled as trainer.compile=true does, against transformers
     eager; prints one JSON line."""
-    from train.parallelize import apply_compile
+    from train.engines.parallelize import apply_compile
 
     values = with_settings(case(args.case[0]), args.set)
     dtype = getattr(torch, args.dtype)

@@ -1,12 +1,18 @@
 """Training checkpoints: `<output_dir>/checkpoints/step-<N>/` is a Hugging Face model directory
-(config.json, model.safetensors, tokenizer files) with the training state beside it:
+(config.json, model.safetensors or model-0000i-of-0000n.safetensors with model.safetensors.index.json,
+tokenizer files) with the training state beside it:
 
     trainer_state/state.json        step, tokens seen, schedule, run identity (wandb id), counters
-    trainer_state/optimizer.pt      optimizer state (single process / DDP)
-    trainer_state/deepspeed/        DeepSpeed engine files (when DeepSpeed runs)
+    trainer_state/optimizer/        AdamW state by parameter name, in flat ranges (engines/optimizer_state.py)
+    trainer_state/deepspeed/        DeepSpeed's own files (ZeRO-3 only)
     trainer_state/rank-<r>.pt       per rank: data loader state and RNG states
     trainer_state/config.json       the run's resolved config (names what changed when a resume is refused)
     MANIFEST.json                   every file with its size and SHA-256, written last
+
+Every rank writes its part: the weights each by one of the ranks that hold them, the optimizer state
+each rank's own ranges (`train.sharded` plans who writes what), the ranks share the hashing, and no
+rank gathers the model or the optimizer state. A resume under any other layout reads the weights and
+only the optimizer ranges it holds.
 
 A checkpoint is assembled under a temporary name and renamed into place, then `latest` is updated:
 it appears complete or not at all. `resume=auto` follows `latest`; a broken checkpoint it has to skip
@@ -24,14 +30,16 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data import DataError
-from models.checkpoint import save_model_dir
+from models.checkpoint import WEIGHTS_NAME, shard_name, write_config_files, write_weight_index
 
+from . import sharded
 from .config import RunConfigError
 
 logger = logging.getLogger(__name__)
@@ -60,13 +68,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(directory: Path, checksums: bool) -> None:
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
-        entry = {"size": path.stat().st_size}
-        if checksums:
-            entry["sha256"] = _sha256(path)
-        files[str(path.relative_to(directory))] = entry
+def write_manifest(directory: Path, checksums: bool, topology=None) -> None:
+    """MANIFEST.json: every file's size and SHA-256. With a topology (collective), the ranks share the
+    hashing by bytes and rank 0 writes the manifest: no rank reads the whole checkpoint."""
+    paths = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    sizes = {str(p.relative_to(directory)): p.stat().st_size for p in paths}
+    mine = dict(sizes)
+    if topology is not None and topology.world_size > 1:
+        offers = [[sharded.Offer(name, name, 0, size) for name, size in sizes.items()]] * topology.world_size
+        writers = sharded.assign_writers(offers)
+        mine = {name: size for name, size in sizes.items() if writers[name] == topology.rank}
+    hashes = {name: _sha256(directory / name) for name in mine} if checksums else {}
+    if topology is not None and topology.world_size > 1:
+        hashes = {k: v for part in sharded.exchange(hashes, topology) for k, v in part.items()}
+        if not topology.is_main:
+            return
+    files = {name: {"size": size, **({"sha256": hashes[name]} if checksums else {})} for name, size in sizes.items()}
     data = json.dumps({"files": files}, indent=1).encode()
     with open(directory / MANIFEST, "wb") as f:
         f.write(data)
@@ -213,8 +230,10 @@ def rng_state() -> dict:
                   for k, v in zip(("kind", "keys", "pos", "has_gauss", "cached"), np.random.get_state())},
         "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    # CUDA: this rank's device alone (the current one, train.distributed.resolve_device), not every GPU it
+    # sees: a resume that sees fewer GPUs (another node, per-task GPU binding) could not restore the others
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -225,12 +244,18 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py[-2], tuple(py[:-2]), py[-1]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, list):  # written before: every visible GPU's, this rank's at its device index
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)  # the current device: this rank's
 
 
 def save(output_dir: Path, step: int, engine, model_config, tokenizer, loader, trainer_state: dict, topology,
          keep_last: int, checksums: bool = True, run_config: dict | None = None) -> Path:
     """Collective: every rank calls it."""
+    started = time.perf_counter()
     root = output_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
@@ -238,18 +263,17 @@ def save(output_dir: Path, step: int, engine, model_config, tokenizer, loader, t
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "trainer_state").mkdir(parents=True)
     topology.barrier()
-    weights = engine.export_state_dict()  # collective under ZeRO-3, pipeline and expert parallelism
-    if topology.is_main:
-        save_model_dir(_StateView(weights, engine.module), with_token_ids(model_config, tokenizer), tmp)
-        tokenizer.save(tmp)
+    write_weights(tmp, engine, with_token_ids(model_config, tokenizer), topology)
     engine.save(tmp / "trainer_state")
     torch.save({"data": loader.state_dict(), "rng": rng_state()}, tmp / "trainer_state" / f"rank-{topology.rank}.pt")
-    topology.barrier()
     if topology.is_main:
+        tokenizer.save(tmp)
         (tmp / "trainer_state" / "state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         if run_config is not None:
             (tmp / "trainer_state" / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
-        write_manifest(tmp, checksums)
+    topology.barrier()
+    write_manifest(tmp, checksums, topology)
+    if topology.is_main:
         if final.exists():  # the same step saved again (e.g. a preempted run resumed at it)
             trash = root / f".step-{step}.old"
             shutil.rmtree(trash, ignore_errors=True)
@@ -261,7 +285,7 @@ def save(output_dir: Path, step: int, engine, model_config, tokenizer, loader, t
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, root / "latest")
         prune(root, keep_last, final, trainer_state.get("run_id"))
-        logger.info("checkpoint saved: %s", final)
+        logger.info("checkpoint saved: %s (%.1f s)", final, time.perf_counter() - started)
     topology.barrier()
     return final
 
@@ -280,17 +304,31 @@ def with_token_ids(config, tokenizer):
     return config.replace(**{k: v for k, v in changes.items() if hasattr(config, k)})
 
 
-class _StateView:
-    """What save_model_dir needs from a model: its (possibly gathered) state dict and tied keys."""
+def write_weights(directory: Path, engine, model_config, topology, max_file_bytes: int = 5 << 30) -> None:
+    """The model as a Hugging Face directory, written by every rank in parallel (collective): each tensor
+    by one of the ranks that hold it (`train.sharded` plans who), expert slices and ZeRO-3 partitions
+    gathered one tensor at a time, never the whole model on one rank. One file: `model.safetensors`;
+    more: `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`, which transformers
+    loads as it loads its own sharded checkpoints."""
+    everyone = sharded.exchange(engine.weight_holdings(), topology)
+    writers = sharded.assign_writers([[sharded.Offer(h.name, h.name, h.holder, h.nbytes) for h in items]
+                                      for items in everyone])
+    holdings = {h.name: h for items in everyone for h in items}
+    sizes = {name: holdings[name].nbytes for name in writers}
+    files = sharded.plan_files(writers, sizes, max_file_bytes, shard_name)
+    if len(set(files.values())) == 1:
+        files = dict.fromkeys(files, WEIGHTS_NAME)
+    mine = engine.gather_weights(writers)
+    for file in sorted({files[name] for name in mine}):
+        sharded.write_safetensors(directory / file, {k: v for k, v in mine.items() if files[k] == file})
+    if topology.is_main:
+        dtypes = {holdings[name].dtype for name in writers if holdings[name].dtype in _FLOAT_DTYPES}
+        write_config_files(model_config, directory, next(iter(dtypes)).removeprefix("torch.") if len(dtypes) == 1 else None)
+        if len(set(files.values())) > 1:
+            write_weight_index(directory, files, sum(sizes.values()))
 
-    def __init__(self, state: dict, module):
-        self._state, self._module = state, module
 
-    def state_dict(self):
-        return self._state
-
-    def tied_weight_keys(self):
-        return self._module.tied_weight_keys()
+_FLOAT_DTYPES = ("torch.float32", "torch.bfloat16", "torch.float16")
 
 
 def prune(root: Path, keep_last: int, newest: Path, run_id: str | None) -> None:

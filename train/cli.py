@@ -69,15 +69,27 @@ def with_forced_model_keys(argv: list[str]) -> list[str]:
     return out
 
 
+def config_groups() -> dict[str, list[str]]:
+    """configs/<group>/<preset>.yaml: every config group and its presets."""
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in Path(CONFIG_DIR).iterdir() if d.is_dir()}
+
+
+# Options that bring other config directories (and so other groups and presets) into Hydra's search path
+_OTHER_CONFIGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "hydra.searchpath",
+                  "+hydra.searchpath", "++hydra.searchpath")
+
+
 def check_overrides(argv: list[str]) -> str | None:
-    """Refuse a misspelt key or a value of the wrong type in `group.key=value` before Hydra composes,
-    with the valid keys in the message. The check is the schema's own (OmegaConf merges the value into
-    the typed node), so its verdict is Hydra's."""
+    """Refuse, before Hydra composes, a misspelt group (optm.lr=1e-3) or preset (model=doge-tiyn), naming
+    the closest one and the choices, and a misspelt key or a value of the wrong type in
+    `group.key=value`, with the valid keys. The value check is the schema's own (OmegaConf merges the
+    value into the typed node), so its verdict is Hydra's. With other config directories in the search
+    path, groups and presets are left to Hydra."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    from .config import RunSchema, unknown_key_message
+    from .config import RunSchema, schema_fields, unknown_key_message
 
     candidates = [a for a in argv if "=" in a and not a.startswith(("-", "hydra", "+hydra", "~"))]
     try:
@@ -86,28 +98,64 @@ def check_overrides(argv: list[str]) -> str | None:
         return str(exc).splitlines()[0]
     schema = OmegaConf.structured(RunSchema)
     model_keys = _model_keys()
+    groups = {} if any(a.split("=", 1)[0] in _OTHER_CONFIGS for a in argv) else config_groups()
     for override in overrides:
         key = override.key_or_group
         parts = key.split(".")
+        if groups and override.package is None:
+            problem = _check_group(override, parts, groups, set(schema_fields(RunSchema)))
+            if problem:
+                return problem
         if len(parts) < 2 or override.is_delete():
-            continue  # a group choice (model=doge-20m): Hydra checks those
+            continue  # a group choice (model=doge-20m): checked above
         if parts[0] == "model":
             if parts[1] not in model_keys:
                 return unknown_key_message("model", parts[1], model_keys)
             continue
         if parts[0] not in ("data", "optim", "scheduler", "parallel", "trainer", "logger"):
             continue
-        if not override.is_sweep_override():
-            values = [override.value()]
-        elif override.is_discrete_sweep():  # every value of optim.lr=1e-3,3e-3 or range(...)
-            values = list(override.sweep_iterator())
-        else:
-            continue  # an interval for a search sweeper: its values are drawn later
-        for value in values:
+        for value in _values(override):
             problem = _check_schema_value(schema, parts, value)
             if problem:
                 return problem
     return None
+
+
+def _values(override) -> list:
+    """The values an override sets: one, or each of a sweep (optim.lr=1e-3,3e-3, range(...)); none for an
+    interval or glob, whose values are drawn or matched later."""
+    from hydra.errors import HydraException
+
+    if not override.is_sweep_override():
+        return [override.value()]
+    if override.is_discrete_sweep():
+        try:
+            return list(override.sweep_iterator())
+        except HydraException:
+            return []
+    return []
+
+
+def _check_group(override, parts: list[str], groups: dict[str, list[str]], schema_keys: set[str]) -> str | None:
+    """`group=preset` names a preset of configs/<group>/; `group.key=value` a group or schema key."""
+    top = parts[0]
+    written = override.input_line or ".".join(parts)
+    if top not in groups and top not in schema_keys:
+        return _unknown("config group", top, written, sorted(set(groups) | schema_keys), "Groups")
+    if len(parts) > 1 or override.is_delete() or top not in groups:
+        return None
+    for value in _values(override):
+        if value is not None and str(value) not in groups[top]:  # experiment=null: none
+            return _unknown(f"{top} preset", str(value), written, groups[top], f"Presets of {top}")
+    return None
+
+
+def _unknown(what: str, name: str, written: str, choices: list[str], listed: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    return f"unknown {what} {name} ({written}).{hint} {listed}: {', '.join(choices)}"
 
 
 def _check_schema_value(schema, parts: list[str], value) -> str | None:
@@ -206,11 +254,33 @@ class PointFailed(CompactHydraException):
     Hydra prints the message, not a traceback.)"""
 
 
+# How long a rank other than 0 that refuses waits for rank 0 to refuse too (its launcher then stops the
+# other ranks) before it says why itself: a refusal that only this rank met.
+_WAIT_FOR_RANK_0 = 20.0
+
+
 def _refuse(message: str, status: int = EXIT_REFUSED):
     if status in (EXIT_REFUSED, 1) and in_multirun():
         # In a sweep run in this process, SystemExit would end the whole sweep: the point fails alone
         # (Hydra reports it with its overrides).
         raise PointFailed(message)
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0 and status != 1:  # refused, or stopped before training
+        # A refusal or a stop is met by every rank alike: rank 0 alone says it, once. The launcher
+        # (torchrun, deepspeed) stops the other ranks as soon as one exits; were this rank to exit
+        # first, rank 0 might be stopped before it could say why. So it waits to be stopped (quietly,
+        # by the default action of SIGTERM), and speaks only if rank 0 has not refused meanwhile.
+        import signal
+        import time
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        deadline = time.monotonic() + (_WAIT_FOR_RANK_0 if status == EXIT_REFUSED else 0)
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+        if status == EXIT_REFUSED:
+            print(f"error: (rank {rank}) {message}", file=sys.stderr)
+        raise SystemExit(status)
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(status)
 

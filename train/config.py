@@ -151,6 +151,10 @@ class ParallelSchema:
     # Expert parallelism: MoE experts split over groups of this many ranks.
     expert_parallel: int = 1
     backend: Optional[str] = None  # torch.distributed backend; default gloo on CPU, nccl on CUDA
+    # how long a collective waits for a slow rank before the run aborts (NCCL's default is 10 minutes)
+    timeout_minutes: float = 30
+    # how long ranks wait in a barrier while rank 0 works alone (writing, hashing, lm-eval scoring a save)
+    barrier_timeout_minutes: float = 240
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
 
     def __post_init__(self):
@@ -159,6 +163,9 @@ class ParallelSchema:
         require_choice("parallel.pipeline_partition", self.pipeline_partition, ("parameters", "uniform", "layers"))
         require(self.pipeline_stages >= 1, "parallel.pipeline_stages", self.pipeline_stages, "must be >= 1")
         require(self.expert_parallel >= 1, "parallel.expert_parallel", self.expert_parallel, "must be >= 1")
+        require(self.timeout_minutes > 0, "parallel.timeout_minutes", self.timeout_minutes, "must be > 0")
+        require(self.barrier_timeout_minutes > 0, "parallel.barrier_timeout_minutes", self.barrier_timeout_minutes,
+                "must be > 0")
         require(self.zero_stage == 0 or self.engine == "deepspeed", "parallel.zero_stage", self.zero_stage,
                 "needs parallel.engine=deepspeed (or choose parallel=zero1 / zero2 / zero3)")
         require(not self.offload_param or self.zero_stage == 3, "parallel.offload_param", self.offload_param,
@@ -173,12 +180,19 @@ class TrainerSchema:
     max_steps: int = 1000
     global_batch_size: int = 8  # rows of seq_len tokens per optimizer step, over all ranks
     micro_batch_size: int = 8  # rows per forward pass per rank; accumulation is derived
-    precision: str = "fp32"  # fp32 | bf16
+    # auto: bf16 (autocast, fp32 master weights) on a GPU that has it, fp32 elsewhere | fp32 | bf16
+    precision: str = "auto"
+    # CUDA: fp32 matrix products and convolutions on tensor cores in TF32 (10-bit mantissa inputs, fp32
+    # accumulation), as most training code allows; off: full fp32 products, several times slower
+    tf32: bool = True
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     save_every: int = 0  # steps; 0: only at the end (and on preemption)
     keep_last: int = 3  # 0: keep every checkpoint
     resume: Optional[str] = None  # null | auto | path to a checkpoint or run directory
+    # A fresh run (resume null) refuses an output_dir that holds another run's files; true: remove that
+    # run's checkpoints, metrics.jsonl, status and plots first (the Hugging Face Trainer's key)
+    overwrite_output_dir: bool = False
     eval_every: int = 0  # 0: no held-out evaluation
     log_every: int = 1
     compile: bool = False
@@ -195,7 +209,7 @@ class TrainerSchema:
     eval_tasks_batch_size: int = 8
 
     def __post_init__(self):
-        require_choice("trainer.precision", self.precision, ("fp32", "bf16"))
+        require_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
         require_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
         require(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1")
         require(self.global_batch_size >= 1, "trainer.global_batch_size", self.global_batch_size,
@@ -310,6 +324,7 @@ def validate(values: dict) -> RunConfig:
                              f"command") from None
     except (ConfigKeyError, ValidationError) as exc:
         raise RunConfigError(explain_omegaconf_error(exc)) from None
+    schema.trainer.precision = resolve_precision(schema.trainer.precision, schema.trainer.device)
     model_values = dict(schema.model)
     init_from = model_values.pop("init_from", None)
     try:
@@ -323,16 +338,31 @@ def validate(values: dict) -> RunConfig:
     return run
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """trainer.precision=auto: bf16 where the run computes on a GPU with bf16 (Ampere and newer), else
+    fp32 (a CPU without native bf16 runs bf16 products many times slower)."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def _check_across_groups(run: RunConfig) -> None:
-    t, p = run.trainer, run.parallel
-    if run.optim.new_params_only_steps and t.resume in (None, "", "none", "null"):
+    t = run.trainer
+    if run.optim.new_params_only_steps and is_unset(t.resume):
         raise RunConfigError(
             "optim.new_params_only_steps continues an upcycled checkpoint: set trainer.resume to the directory "
             "`python -m train.upcycle SRC DST ...` wrote"
         )
     if not run.data.sources:
         raise RunConfigError("data.sources is empty: choose a data group (e.g. data=builtin) or give sources")
-    if run.scheduler.branch_from_step is not None and t.resume in (None, "", "none", "null"):
+    if t.overwrite_output_dir and not is_unset(t.resume):
+        raise RunConfigError(
+            f"trainer.overwrite_output_dir=true starts a fresh run, removing the files of the run in "
+            f"trainer.output_dir; trainer.resume={t.resume} continues a run: set only one of them")
+    if run.scheduler.branch_from_step is not None and is_unset(t.resume):
         raise RunConfigError(
             f"scheduler.branch_from_step={run.scheduler.branch_from_step} branches from a checkpoint of another run: "
             f"set trainer.resume to that run's directory (its checkpoints/step-{run.scheduler.branch_from_step} is "
@@ -344,10 +374,26 @@ def _check_across_groups(run: RunConfig) -> None:
             build_schedule(run.scheduler, run.optim.lr, t.max_steps)
         except ValueError as exc:
             raise RunConfigError(str(exc)) from None
-    if t.resume in (None, "", "none", "null") and not run.init_from:
+    if is_unset(t.resume) and not run.init_from:
         # the architecture is the model group's; a resumed or init_from run checks the checkpoint's, once
         # it has read it (train.loop), still before any work
         check_layout(run, run.model)
+        check_tokenizer_fits(run.data.tokenizer, run.model.vocab_size)
+
+
+def is_unset(resume) -> bool:
+    """trainer.resume says: start fresh."""
+    return resume in (None, "", "none", "null")
+
+
+def check_tokenizer_fits(tokenizer: TokenizerConfig, vocab_size: int, of: str = "the model's") -> None:
+    """A BPE to be trained must fit the model's vocabulary: refused before it is trained (and cached),
+    which takes a while. A pretrained tokenizer's size is known once it is loaded (data.check_vocab)."""
+    if tokenizer.name_or_path == "bpe" and tokenizer.vocab_size > vocab_size:
+        fix = "" if of != "the model's" else f"set model.vocab_size={tokenizer.vocab_size} (or larger), or "
+        raise RunConfigError(
+            f"data.tokenizer.vocab_size={tokenizer.vocab_size} (the BPE to train) is more than {of} vocab_size="
+            f"{vocab_size}: {fix}set data.tokenizer.vocab_size={vocab_size} (or smaller)")
 
 
 def check_layout(run: RunConfig, model) -> None:

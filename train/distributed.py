@@ -15,11 +15,17 @@ gloo on CPU, NCCL on CUDA. The world is laid out as DeepSpeed lays out its pipel
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 
 class LayoutError(ValueError):
@@ -37,6 +43,9 @@ class Topology:
     dp_group: object = field(default=None, compare=False, repr=False)  # None: the whole world
     ep_group: object = field(default=None, compare=False, repr=False)  # ranks sharing one set of experts
     edp_group: object = field(default=None, compare=False, repr=False)  # ranks holding the same expert slice
+    # barriers: a gloo group beside NCCL, so that waiting for rank 0's long work (writing, hashing, scoring a
+    # checkpoint) is not a device collective under NCCL's watchdog; None: the world group (gloo already)
+    host_group: object = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------------ coordinates
     @property
@@ -61,8 +70,9 @@ class Topology:
 
     # ------------------------------------------------------------------ collectives
     def barrier(self) -> None:
+        """Wait for every rank (on the host: no device work is queued)."""
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=self.host_group)
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """Over the world."""
@@ -117,19 +127,65 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise LayoutError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu (or auto)")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        # LOCAL_RANK counts the ranks of a node, but a rank does not always see every GPU of its node: under
+        # per-task GPU binding (Slurm's --gpus-per-task / --gpu-bind, submitit's gpus_per_task) each task
+        # sees only its own, as device 0, and cuda:LOCAL_RANK would be an invalid device ordinal
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
+def local_world_size() -> int:
+    """The ranks on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, else one
+    rank per visible GPU (or 1)."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return max(1, torch.cuda.device_count() if torch.cuda.is_available() else 1)
+
+
+def use_cores_for_offloaded_optimizer(device: torch.device, offload_optimizer: bool) -> int | None:
+    """With the optimizer offloaded to the CPU (parallel=zero2-offload / zero3-offload) on a CUDA run, let
+    torch's intra-op thread pool use this rank's share of the node's cores: the number of threads set,
+    or None when left as it was.
+
+    Why: torchrun (when OMP_NUM_THREADS is unset) and launch/deepspeed.sh start each rank with one
+    thread, right for a GPU rank whose host thread only queues kernels. Offloaded, though, AdamW steps
+    this rank's fp32 partition of the weights and moments on the CPU, every step: arithmetic over
+    gigabytes that takes seconds on one thread. The ranks of a node share its cores, so each takes the
+    cores this process may run on (os.sched_getaffinity: Slurm's --cpus-per-task and cgroups) divided by
+    the ranks on the node. A larger thread count already set (OMP_NUM_THREADS) is left alone."""
+    if not offload_optimizer or device.type != "cuda":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // local_world_size())
+    if threads <= torch.get_num_threads():
+        return None
+    logger.info("optimizer offloaded to the CPU: %d threads per rank for its step (%d cores, %d ranks on this node; "
+                "was %d)", threads, cores, local_world_size(), torch.get_num_threads())
+    torch.set_num_threads(threads)
+    return threads
+
+
 def setup(device: str = "auto", backend: str | None = None, pipeline_stages: int = 1,
-          expert_parallel: int = 1) -> Topology:
+          expert_parallel: int = 1, timeout_minutes: float = 30, barrier_timeout_minutes: float = 240,
+          deepspeed: bool = False) -> Topology:
+    """The world of this process. `timeout_minutes`: how long a collective may wait for a rank before the
+    run is aborted (NCCL's own default, 10 minutes, is short for a slow filesystem at a save);
+    `barrier_timeout_minutes`: how long ranks wait in a barrier for rank 0's work alone (saving and
+    hashing a checkpoint, lm-eval scoring), which runs on a gloo group beside NCCL. `deepspeed`: the
+    run's engine uses DeepSpeed (imported before the world exists: see `_import_before_the_world`)."""
     rank, local_rank, world_size = world_from_environment()
     check_layout(world_size, pipeline_stages, expert_parallel)
     dev = resolve_device(device, local_rank)
+    host_group = None
     if world_size > 1 and not dist.is_initialized():
+        _import_before_the_world(dev, world_size, deepspeed)
         dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"), rank=rank, world_size=world_size,
-                                device_id=dev if dev.type == "cuda" else None)
+                                device_id=dev if dev.type == "cuda" else None, timeout=timedelta(minutes=timeout_minutes))
+    if world_size > 1 and dist.get_backend() != "gloo":
+        host_group = dist.new_group(backend="gloo", timeout=timedelta(minutes=barrier_timeout_minutes))
     topology = Topology(rank, local_rank, world_size, dev, pp_size=pipeline_stages, ep_size=expert_parallel)
     # every rank takes part in creating every group, in the same order (torch.distributed requires it)
     dp_group = ep_group = edp_group = None
@@ -139,7 +195,7 @@ def setup(device: str = "auto", backend: str | None = None, pipeline_stages: int
         ep_ranks, edp_ranks = expert_parallel_ranks(world_size, expert_parallel)
         ep_group, edp_group = _new_groups(ep_ranks, rank), _new_groups(edp_ranks, rank)
     return Topology(rank, local_rank, world_size, dev, pp_size=pipeline_stages, ep_size=expert_parallel,
-                    dp_group=dp_group, ep_group=ep_group, edp_group=edp_group)
+                    dp_group=dp_group, ep_group=ep_group, edp_group=edp_group, host_group=host_group)
 
 
 def stage_data_parallel_ranks(world_size: int, pipeline_stages: int) -> list[list[int]]:
@@ -168,6 +224,37 @@ def _new_groups(rank_lists: list[list[int]], rank: int):
     return mine
 
 
+def _import_before_the_world(device: torch.device, world_size: int, deepspeed: bool) -> None:
+    """Import the modules whose functions take the world group as a default argument (`group=group.WORLD`:
+    evaluated once, at import) before init_process_group. Imported after it, they hold the world group
+    for good: destroy_process_group cannot end it, and its gloo threads outlive the interpreter (see
+    `teardown`). Imported before, their default is None, which means the world at call time: the same
+    group. torch's are torch.distributed.nn.functional's (imported by DDP and torch.compile); DeepSpeed's
+    are its comm backend's barriers."""
+    import torch.distributed.nn.functional  # noqa: F401
+
+    if deepspeed:
+        from .engines.compat import import_deepspeed
+
+        import_deepspeed(device, world_size)
+        import deepspeed.comm  # noqa: F401
+
+
 def teardown() -> None:
-    if dist.is_initialized():
+    """End every process group here, after the run's last collective and while the interpreter is whole:
+    a group ends when its last reference goes, and its destructor then waits for its gloo worker threads.
+    A worker lets go of a finished collective's tensors a moment after the collective returns; if that
+    moment falls in interpreter shutdown (a group still referenced, the process already exiting), freeing
+    a tensor Python created needs the GIL from a thread the dying interpreter no longer admits, and the
+    process aborts after its last line ("terminate called without an active exception", SIGABRT). The
+    references that outlive the run are DeepSpeed's (its module-level groups: released by its own
+    destroy_process_group; its engine: released by `Engine.close`, then collected here) and the world-group
+    defaults of `_import_before_the_world`."""
+    if not dist.is_initialized():
+        return
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()  # torch's, plus DeepSpeed's own references to its groups
+    else:
         dist.destroy_process_group()
+    gc.collect()  # engines hold groups in reference cycles

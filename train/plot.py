@@ -12,20 +12,27 @@ One run's figure (`<run_dir>/plots.png` by default) has, against steps unless sa
     heatmap of the last such record, coloured by load relative to uniform (1 = balanced); in an overlay,
     one heatmap for each of the first MAX_HEATMAPS MoE runs.
   * downstream scores (`lm_eval/<task>/<metric>` fields, see train.evaluate) against tokens, if any.
-Several runs: one colour per run, the legend names each run by its directory name.
+Several runs: one colour per run, and one legend beside the panels (inside one it would cover curves)
+naming each run by its directory name, or, in a sweep, by its swept values under the swept keys.
 
 A sweep directory is one whose subdirectories are runs (each with `metrics.jsonl` and `config.json`).
 Its swept keys are the config keys whose values differ between points (run-identity keys such as
 `trainer.output_dir` excepted). It gets:
-  * curves.png: every point's curves overlaid (the figure above);
+  * curves.png: every point's curves overlaid (the figure above); the legend also lists, with an x,
+    the points that have no run to draw (refused);
   * final_eval_loss.png: final eval loss against each swept key (numeric values on a log axis when
-    they span more than 10x; other values as categories);
-  * summary.md: point, overrides (its swept keys), final train loss, final eval loss, tokens, wall time,
-    status (finished: the newest complete checkpoint is at trainer.max_steps; unfinished: a checkpoint
-    before that; failed: no checkpoint at all).
-Wall time is the training time the trainer measured: the sum over records of (tokens since the
-previous record) / tokens_per_sec. It leaves out evaluation, the set-up before the first step, and the gap
-before a resumed run went on.
+    they span more than 10x; other values as categories); a point without one is a red x at the foot
+    of the panel, at its value, with its status;
+  * summary.md: every point, in the order of its swept values (numbers by value): overrides (its swept
+    keys), final train loss, final eval loss, tokens, wall time, status (finished: the newest complete
+    checkpoint is at trainer.max_steps; unfinished: a checkpoint before that; failed: no checkpoint at
+    all; refused: its config was refused, nothing ran) and why its latest attempt did not finish.
+The points that left no run directory, and the reasons, come from the sweep's points ledger
+(`<sweep dir>/points.jsonl`, train.ledger.record_point).
+Wall time is the training time the trainer measured: the sum of the records' `train_seconds` (the
+seconds of the run's own steps since its previous record; for records written before that field,
+(tokens since the previous record) / tokens_per_sec). It leaves out evaluation, the set-up before the
+first step, the gap before a resumed run went on, and a decay branch's stable run.
 
 `plot_run` / `plot_runs` are what the trainer calls at the end of a run: any error is logged as a
 warning and they return None, so plotting never fails a run. The CLI and `figure_for_runs` /
@@ -102,10 +109,14 @@ class Run:
         """Seconds of training the trainer measured (see the module docstring)."""
         total, previous = 0.0, 0
         for r in self.records:
-            tokens, rate = r.get("tokens"), r.get("tokens_per_sec")
-            if isinstance(tokens, (int, float)) and isinstance(rate, (int, float)) and rate > 0 and math.isfinite(rate):
+            tokens, rate, seconds = r.get("tokens"), r.get("tokens_per_sec"), r.get("train_seconds")
+            if _is_number(seconds):
+                total += seconds
+            elif _is_number(tokens) and _is_number(rate) and rate > 0:
+                # records written before train_seconds: the tokens since the previous record, which for the
+                # first record of a run resumed from another run's checkpoint overstates its window
                 total += (tokens - previous) / rate
-            if isinstance(tokens, (int, float)):
+            if _is_number(tokens):
                 previous = tokens
         return total
 
@@ -184,11 +195,20 @@ def _router_labels(run: Run, routers: int) -> list[str]:
     return [f"router {r}" for r in range(routers)]
 
 
-def figure_for_runs(run_dirs) -> "matplotlib.figure.Figure":  # noqa: F821 (lazy import)
-    """The figure of one run or of several overlaid (see the module docstring); raises PlotError."""
+def figure_for_runs(run_dirs, title: str | None = None, labels: dict[str, str] | None = None,
+                    legend_title: str | None = None,
+                    absent: list[tuple[str, str]] = ()) -> "matplotlib.figure.Figure":  # noqa: F821
+    """The figure of one run or of several overlaid (see the module docstring); raises PlotError.
+    Several runs share one legend beside the panels (a legend inside a panel covers its curves): each
+    run's colour, named `labels[run name]` (default: the name) under `legend_title`, the line styles
+    of train and eval loss, and an `x` for each of the `absent` points (label, status) that have no
+    run to draw (a refused sweep point)."""
+    from matplotlib.lines import Line2D
+
     runs = [r if isinstance(r, Run) else load_run(r) for r in run_dirs]
     if not runs:
         raise PlotError("no run directories given")
+    labels = labels or {}
     moe = [r for r in runs if r.is_moe]
     heatmaps = [r for r in moe if r.has("expert_load")][:MAX_HEATMAPS]
     downstream = sorted({k for r in runs for k in r.downstream_keys()})
@@ -224,13 +244,14 @@ def figure_for_runs(run_dirs) -> "matplotlib.figure.Figure":  # noqa: F821 (lazy
         row += 1
 
     several = len(runs) > 1
+    eval_style = {"linestyle": "--", "marker": "o", "markersize": 4}
+    task_markers = {key: "os^vD<>"[j % 7] for j, key in enumerate(downstream)}
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
         name = run.name
         for ax, x in ((loss_tokens, "tokens"), (loss_steps, "step")):
-            _line(ax, run, "loss", x, color, f"{name} train" if several else "train")
-            _line(ax, run, "eval_loss", x, color, f"{name} eval" if several else "eval", linestyle="--", marker="o",
-                  markersize=4)
+            _line(ax, run, "loss", x, color, "train")
+            _line(ax, run, "eval_loss", x, color, "eval", **eval_style)
         _line(lr, run, "lr", "step", color, name)
         _line(grad, run, "grad_norm", "step", color, name)
         _line(speed, run, "tokens_per_sec", "step", color, name)
@@ -239,15 +260,29 @@ def figure_for_runs(run_dirs) -> "matplotlib.figure.Figure":  # noqa: F821 (lazy
             _line(aux, run, "aux_loss", "step", color, name)
             _line(load, run, "expert_load_max", "step", color, name)
             _line(idle, run, "experts_idle", "step", color, name, scale=100.0, linestyle=":")
-        for j, key in enumerate(downstream):
-            _line(scores, run, key, "tokens", color, f"{name} {key[len(DOWNSTREAM_PREFIX):]}" if several
-                  else key[len(DOWNSTREAM_PREFIX):], marker="os^vD<>"[j % 7], linestyle="-")
+        for key in downstream:
+            _line(scores, run, key, "tokens", color, key[len(DOWNSTREAM_PREFIX):], marker=task_markers[key],
+                  linestyle="-")
 
     for ax in panels.values():
-        if ax.lines:
-            ax.legend(fontsize=8, loc="best")
-        else:
+        if not ax.lines:
             ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", va="center", color="gray")
+    if several:
+        handles = [Line2D([], [], color=f"C{i % 10}", label=labels.get(run.name, run.name))
+                   for i, run in enumerate(runs)]
+        handles.append(Line2D([], [], color="gray", label="train loss"))
+        if any(run.has("eval_loss") for run in runs):
+            handles.append(Line2D([], [], color="gray", label="eval loss", **eval_style))
+        handles += [Line2D([], [], color="gray", marker=m, label=key[len(DOWNSTREAM_PREFIX):])
+                    for key, m in task_markers.items()]
+        handles += [Line2D([], [], color="C3", marker="x", linestyle="none", label=f"{label} ({status})")
+                    for label, status in absent]
+        fig.legend(handles=handles, loc="outside right upper", title=legend_title, fontsize=8, title_fontsize=8,
+                   ncols=1 + len(handles) // 40)
+    else:  # one run: only the panels with more than one kind of line need a legend
+        for ax in (loss_tokens, loss_steps, *([scores] if downstream else [])):
+            if len(ax.lines) > 1:
+                ax.legend(fontsize=8, loc="best")
     from matplotlib.ticker import MaxNLocator
 
     for ax in panels.values():
@@ -262,7 +297,11 @@ def figure_for_runs(run_dirs) -> "matplotlib.figure.Figure":  # noqa: F821 (lazy
         label = run.name if several else None
         panels["expert load heatmap" + (f" {label}" if label else "")] = _heatmap(fig, grid[row, :], run, label)
         row += 1
-    fig.suptitle(", ".join(r.name for r in runs) if len(runs) <= 4 else f"{len(runs)} runs")
+    if title is None:
+        names = ", ".join(r.name for r in runs)
+        # a long list of names says less than the legend beside the panels
+        title = runs[0].name if not several else f"{len(runs)} runs" + (f": {names}" if len(names) <= 80 else "")
+    fig.suptitle(title)
     fig.panels = panels  # title -> Axes, for callers and tests that look at what was drawn
     return fig
 
@@ -284,6 +323,9 @@ def _heatmap(fig, cell, run: Run, label: str | None):
     ax.set_xlabel("expert")
     ax.set_ylabel("router")
     ax.set_yticks(range(routers), _router_labels(run, routers))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experts are whole: no tick at expert 0.5
     fig.colorbar(image, ax=ax, label="load / uniform")
     image.set_gid(f"{run.name}:expert_load")
     return ax
@@ -337,11 +379,11 @@ def _flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def swept_keys(runs: list[Run]) -> list[str]:
-    """The keys swept: those in the points' names when a sweep named them (`point_overrides`), else
-    the config keys whose values differ between points (a key missing from a point counts as
-    differing)."""
-    named = point_overrides(runs)
+def swept_keys(runs: list[Run], absent: list[str] = ()) -> list[str]:
+    """The keys swept: those in the points' names when a sweep named them (`point_overrides`, over the
+    runs and the `absent` points' names), else the config keys whose values differ between points (a
+    key missing from a point counts as differing)."""
+    named = point_overrides([*runs, *absent])
     if named is not None:
         return sorted(next(iter(named.values())))
     flat = [_flatten(r.config) for r in runs]
@@ -350,22 +392,23 @@ def swept_keys(runs: list[Run]) -> list[str]:
             and len({json.dumps(f[k] if k in f else "<unset>", sort_keys=True, default=str) for f in flat}) > 1]
 
 
-def point_overrides(runs: list[Run]) -> dict[str, dict] | None:
+def point_overrides(points) -> dict[str, dict] | None:
     """Each point's swept overrides, read back from its directory name (`model=doge-20m,optim.lr=0.001`:
     `python -m train --multirun` names points by the keys swept on the command line), when every point
     has such a name and they share their keys; else None. A swept config group (`model=a,b`) is then
-    one key with the preset names as values, not every field in which the presets differ."""
+    one key with the preset names as values, not every field in which the presets differ. `points`:
+    runs or directory names."""
     import yaml
 
     named = {}
-    for run in runs:
-        pairs = [item.partition("=") for item in re.split(r",(?=[A-Za-z_][\w.]*=)", run.name)]
+    for name in (p if isinstance(p, str) else p.name for p in points):
+        pairs = [item.partition("=") for item in re.split(r",(?=[A-Za-z_][\w.]*=)", name)]
         if not all(sep and key for key, sep, _ in pairs):
             return None
         try:
-            named[run.name] = {key: yaml.safe_load(value) for key, _, value in pairs}
+            named[name] = {key: yaml.safe_load(value) for key, _, value in pairs}
         except yaml.YAMLError:
-            named[run.name] = {key: value for key, _, value in pairs}
+            named[name] = {key: value for key, _, value in pairs}
     if not named or len({tuple(sorted(v)) for v in named.values()}) != 1:
         return None
     return named
@@ -401,14 +444,31 @@ def _format_loss(value) -> str:
     return "—" if value is None else f"{float(value):.4f}"
 
 
-def sweep_rows(runs: list[Run], keys: list[str]) -> list[dict]:
+def _value_order(value) -> tuple:
+    """Numbers by value (5 before 10), then everything else as text."""
+    return (0, float(value), "") if _is_number(value) else (1, 0.0, _format_value(value))
+
+
+def _name_order(name: str) -> list:
+    """Digits by value: `point-5` before `point-10`."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+
+
+def sweep_rows(runs: list[Run], keys: list[str], ledger: dict[str, dict] | None = None) -> list[dict]:
+    """One row per point, in the order of its swept values: each run, and each point of the sweep's
+    points ledger (`train.ledger.last_events`) that left no run (refused, or failed before its first
+    record). `status`: finished / unfinished / failed from the run's checkpoints, or the ledger's event;
+    `reason`: why the point's latest attempt did not finish (the ledger's), if it did not."""
+    ledger = ledger or {}
+    absent = [name for name in ledger if name not in {run.name for run in runs}]
+    named = point_overrides([*runs, *absent]) or {}
     rows = []
-    named = point_overrides(runs) or {}
     for run in runs:
         flat = named.get(run.name) or _flatten(run.config)
         status, last_checkpoint = point_status(run)
         rows.append({
             "point": run.name,
+            "run": run,
             "overrides": {k: flat.get(k) for k in keys},
             "final_train_loss": run.last("loss"),
             "final_eval_loss": run.last("eval_loss"),
@@ -416,28 +476,60 @@ def sweep_rows(runs: list[Run], keys: list[str]) -> list[dict]:
             "wall_time": run.wall_time(),
             "status": status,
             "last_checkpoint": last_checkpoint,
+            "reason": _ledger_reason(ledger.get(run.name), status),
         })
+    for name in absent:
+        entry = ledger[name]
+        flat = named.get(name, {})
+        event = entry["event"]
+        rows.append({
+            "point": name, "run": None, "overrides": {k: flat.get(k) for k in keys}, "final_train_loss": None,
+            "final_eval_loss": None, "tokens": None, "wall_time": None, "last_checkpoint": None,
+            # started or resumed without an outcome: still running, or killed before its first record
+            "status": event if event in ("refused", "failed") else "no record",
+            "reason": entry.get("reason") if event in ("refused", "failed") else f"{event}, nothing logged yet",
+        })
+    rows.sort(key=lambda r: ([_value_order(v) for v in r["overrides"].values()], _name_order(r["point"])))
     return rows
 
 
+def _ledger_reason(entry: dict | None, status: str) -> str | None:
+    """Why a point that has a run did not finish this time, when the ledger says (failed, or refused at
+    start). A point stopped on request needs none: `unfinished (step N)` says where it is."""
+    if not entry or status == "finished" or entry["event"] not in ("refused", "failed"):
+        return None
+    return f"{entry['event']}: {entry.get('reason')}" if entry["event"] != status else entry.get("reason")
+
+
+def _status_cell(row: dict) -> str:
+    status = row["status"] + (f" (step {row['last_checkpoint']})" if row["status"] == "unfinished" else "")
+    if row.get("reason"):
+        status += f": {row['reason']}"
+    return status.replace("|", "\\|").replace("\n", " ")  # one table cell
+
+
 def summary_markdown(sweep_dir: Path, rows: list[dict], keys: list[str]) -> str:
+    order = ["finished", "unfinished", "failed", "refused", "no record"]
+    counts = {status: n for status in order if (n := sum(row["status"] == status for row in rows))}
     lines = [
         f"# Sweep {Path(sweep_dir).resolve().name}",
         "",
-        f"{len(rows)} points; swept keys: {', '.join(keys) if keys else 'none (all configs are equal)'}.",
-        "Wall time: training time measured by the trainer (tokens / tokens_per_sec summed over the logged "
-        "records; time spent evaluating is not counted). Status: finished = the newest complete checkpoint is at "
-        "trainer.max_steps; unfinished = an earlier checkpoint; failed = no checkpoint.",
+        f"{len(rows)} points ({', '.join(f'{n} {status}' for status, n in counts.items())}); swept keys: "
+        f"{', '.join(keys) if keys else 'none (all configs are equal)'}.",
+        "Wall time: training time measured by the trainer (the seconds of the run's own steps, summed over its "
+        "logged records; time spent evaluating is not counted). Status: finished = the newest complete checkpoint "
+        "is at trainer.max_steps; unfinished = an earlier checkpoint; failed = no checkpoint; refused = the point's "
+        "config was refused, nothing ran; after a colon, why the point's latest attempt did not finish.",
         "",
         "| point | overrides | final train loss | final eval loss | tokens | wall time | status |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         overrides = ", ".join(f"{k}={_format_value(v)}" for k, v in row["overrides"].items()) or "—"
-        status = row["status"] + (f" (step {row['last_checkpoint']})" if row["status"] == "unfinished" else "")
         tokens = "—" if row["tokens"] is None else f"{int(row['tokens'])}"
+        wall = "—" if row["wall_time"] is None else _format_time(row["wall_time"])
         lines.append(f"| {row['point']} | {overrides} | {_format_loss(row['final_train_loss'])} | "
-                     f"{_format_loss(row['final_eval_loss'])} | {tokens} | {_format_time(row['wall_time'])} | {status} |")
+                     f"{_format_loss(row['final_eval_loss'])} | {tokens} | {wall} | {_status_cell(row)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -446,42 +538,73 @@ def _is_number(value) -> bool:
 
 
 def sweep_figure(rows: list[dict], keys: list[str]):
-    """Final eval loss (train loss if no point was evaluated) against each swept key."""
+    """Final eval loss (train loss if no point was evaluated) against each swept key; a point without
+    one (refused, failed) is a red `x` on the axis at its value, with its status."""
+    from matplotlib.transforms import blended_transform_factory
+
     metric = "final_eval_loss" if any(r["final_eval_loss"] is not None for r in rows) else "final_train_loss"
     shown = keys or ["(nothing swept)"]
     fig = _figure(figsize=(5 * len(shown), 4), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, len(shown), squeeze=False)
     fig.panels = {}
     for ax, key in zip(axes[0], shown):
-        points = [(r["overrides"].get(key), r[metric], r["point"]) for r in rows if r[metric] is not None]
         ax.set_title(key)
         ax.set_xlabel(key)
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(True, alpha=0.3)
         fig.panels[key] = ax
-        if not points or key not in (rows[0]["overrides"] if rows else {}):
+        if not rows or key not in rows[0]["overrides"]:
             ax.text(0.5, 0.5, "nothing to show", transform=ax.transAxes, ha="center", va="center", color="gray")
             continue
-        if all(_is_number(v) for v, _, _ in points):
-            points.sort(key=lambda p: p[0])
-            xs = [float(v) for v, _, _ in points]
+        values = [r["overrides"].get(key) for r in rows]
+        if all(_is_number(v) for v in values):
+            position = {id(r): float(r["overrides"][key]) for r in rows}
+            xs = sorted(position.values())
             if min(xs) > 0 and max(xs) / min(xs) > 10:
                 ax.set_xscale("log")
         else:
-            categories = sorted({_format_value(v) for v, _, _ in points})
-            xs = [categories.index(_format_value(v)) for v, _, _ in points]
+            categories = sorted({_format_value(v) for v in values}, key=lambda c: _value_order(
+                next(v for v in values if _format_value(v) == c)))
+            position = {id(r): categories.index(_format_value(r["overrides"].get(key))) for r in rows}
             ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
-        ys = [float(y) for _, y, _ in points]
-        (line,) = ax.plot(xs, ys, marker="o", linestyle="-" if len(keys) == 1 else "none")
-        line.set_gid(key)
-        for x, y, (_, _, name) in zip(xs, ys, points):
-            ax.annotate(name, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        done = sorted((r for r in rows if r[metric] is not None), key=lambda r: position[id(r)])
+        if done:
+            (line,) = ax.plot([position[id(r)] for r in done], [float(r[metric]) for r in done], marker="o",
+                              linestyle="-" if len(keys) == 1 else "none")
+            line.set_gid(key)
+            for r in done if len(keys) > 1 else ():  # the other swept values; this key's is on the axis
+                ax.annotate(", ".join(f"{k}={_format_value(v)}" for k, v in r["overrides"].items() if k != key),
+                            (position[id(r)], float(r[metric])), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        missing = [r for r in rows if r[metric] is None]
+        if missing:
+            if done:  # a band at the panel's foot for the marks, below every loss
+                ys = [float(r[metric]) for r in done]
+                span = (max(ys) - min(ys)) or abs(max(ys)) or 1.0
+                ax.set_ylim(min(ys) - 0.3 * span, max(ys) + 0.1 * span)
+            on_axis = blended_transform_factory(ax.transData, ax.transAxes)  # x: the value; y: the panel's foot
+            (marks,) = ax.plot([position[id(r)] for r in missing], [0.06] * len(missing), transform=on_axis,
+                               marker="x", markersize=9, color="C3", linestyle="none", clip_on=False)
+            marks.set_gid(f"{key}:no {metric.replace('_', ' ')}")
+            for x, status in dict.fromkeys((position[id(r)], r["status"]) for r in missing):
+                ax.annotate(status, (x, 0.06), xycoords=on_axis, textcoords="offset points", xytext=(0, 7),
+                            ha="center", fontsize=7, color="C3")
+        ax.margins(x=0.1)
     return fig
+
+
+def _labels(rows: list[dict], keys: list[str]) -> tuple[dict[str, str], str | None]:
+    """Legend labels of a sweep's points: their swept values (the keys are the legend's title)."""
+    if not keys:
+        return {}, None
+    labels = {r["point"]: ", ".join(_format_value(v) for v in r["overrides"].values()) for r in rows}
+    return labels, ", ".join(keys)
 
 
 def plot_sweep(sweep_dir, out_dir=None) -> dict[str, Path]:
     """curves.png, final_eval_loss.png and summary.md in `out_dir` (default: the sweep directory).
     Raises PlotError when no point can be read."""
+    from .ledger import last_events
+
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir) if out_dir else sweep_dir
     runs, skipped = [], []
@@ -494,13 +617,19 @@ def plot_sweep(sweep_dir, out_dir=None) -> dict[str, Path]:
         logger.warning("sweep point skipped: %s", reason)
     if not runs:
         raise PlotError(f"{sweep_dir}: no subdirectory with a readable {METRICS} (not a sweep directory)")
-    keys = swept_keys(runs)
-    rows = sweep_rows(runs, keys)
+    ledger = last_events(sweep_dir)
+    keys = swept_keys(runs, [name for name in ledger if name not in {run.name for run in runs}])
+    rows = sweep_rows(runs, keys, ledger)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = out_dir / "summary.md"
     summary.write_text(summary_markdown(sweep_dir, rows, keys))
+    labels, legend_title = _labels(rows, keys)
+    absent = [(labels.get(r["point"], r["point"]), r["status"]) for r in rows if r["run"] is None]
+    curves = figure_for_runs([r["run"] for r in rows if r["run"] is not None],
+                             title=f"sweep {sweep_dir.resolve().name}: {len(rows)} points", labels=labels,
+                             legend_title=legend_title, absent=absent)
     return {
-        "curves": _save(figure_for_runs(runs), out_dir / "curves.png"),
+        "curves": _save(curves, out_dir / "curves.png"),
         "final_eval_loss": _save(sweep_figure(rows, keys), out_dir / "final_eval_loss.png"),
         "summary": summary,
     }

@@ -11,6 +11,10 @@ default, one `torchrun` per point; `submitit_slurm` / `submitit_local`; Hydra's 
     branch starts from the checkpoint its `trainer.resume` names);
   * under submitit: ranks from submitit's job environment (`submitit_distributed_environment`), and
     a requeue when the run was stopped after its checkpoint (`SubmititPreemption`);
+  * the points ledger, `<hydra.sweep.dir>/points.jsonl`: what each point does (start, resume, skip)
+    and how it ends (finished, stopped, refused, failed, with the reason), written by whichever process
+    plans or runs it (`record_point`); the sweep's own console shows the lines of points that run in
+    other processes (submitit jobs), and summary.md lists every point from it, refused ones included;
   * at the end, the sweep's plots and summary.md (`SweepSummary`, a Hydra callback).
 
 Nothing here imports torch at module level: the Hydra callback is instantiated by every
@@ -21,15 +25,20 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import logging
 import os
 import re
 import signal
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+
+# the launcher and the jobs record points through this module
+from .ledger import LEDGER, outcome_message, record_point
 
 logger = logging.getLogger("train.sweep")
 
@@ -90,11 +99,18 @@ class PointPlan:
     target_step: int
     last_step: int | None  # the newest complete checkpoint of the point's own directory
 
+    @property
+    def event(self) -> str:
+        """What the point does, as the points ledger records it."""
+        return "skipped" if self.skip else "resumed" if self.last_step is not None else "started"
+
     def describe(self, point_dir: Path) -> str:
         if self.skip:
             return f"skipping {point_dir}: finished (checkpoint at step {self.last_step} of {self.target_step})"
         if self.last_step is not None:
             return f"resuming {point_dir} from its step-{self.last_step} checkpoint (of {self.target_step} steps)"
+        if self.resume not in (None, "auto"):  # a decay branch: another run's checkpoint
+            return f"starting {point_dir} from {self.resume}"
         return f"starting {point_dir}"
 
 
@@ -139,8 +155,12 @@ def target_steps(run) -> int:
 def plan_point(run, point_dir: Path) -> PointPlan:
     """`run`: the point's validated RunConfig. A point with a checkpoint of its own continues it
     (trainer.resume=auto, which also carries a decay branch on: its checkpoints record where the
-    branch started); a point without one starts as its own trainer.resume says (null: fresh)."""
+    branch started); a point without one starts as its own trainer.resume says (null: resume=auto, which
+    restarts a point that died before its first checkpoint). trainer.overwrite_output_dir=true starts
+    every point afresh, removing what its directory holds (train.loop)."""
     target = target_steps(run)
+    if run.trainer.overwrite_output_dir:
+        return PointPlan(False, None, target, None)
     last = newest_complete_checkpoint(point_dir)
     if last is not None and last >= target:
         return PointPlan(True, None, target, last)
@@ -210,30 +230,156 @@ class SubmititPreemption:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The points ledger (train/ledger.py: what each point of the sweep did) is written here and read by plots
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """A point refused before it trained: a RunConfigError or LayoutError, or train.cli's PointFailed
+    raised while handling one (in a sweep, a refusal fails the point alone)."""
+    from .config import RunConfigError
+    from .distributed import LayoutError
+
+    return any(isinstance(e, (RunConfigError, LayoutError)) for e in (exc, exc.__context__, exc.__cause__))
+
+
+def _first_task() -> bool:
+    """Global rank 0 of a submitit job (each of its tasks runs the job callbacks); True elsewhere."""
+    if not in_submitit_job():
+        return True
+    import submitit
+
+    return submitit.JobEnvironment().global_rank == 0
+
+
+class _LedgerFollower:
+    """Shows on the sweep's console the ledger lines written by other processes (submitit jobs), as they
+    come: what each point does and where it writes, which Hydra's submitit launcher does not say (its
+    listing shows the command line's overrides, trainer.output_dir included, which points do not use)."""
+
+    def __init__(self, sweep_dir: Path, interval: float = 1.0):
+        self.path = Path(sweep_dir) / LEDGER
+        self.interval = interval
+        self.offset = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sweep-ledger", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            self.drain()
+
+    def drain(self) -> None:
+        try:
+            with open(self.path) as f:
+                f.seek(self.offset)
+                text = f.read()
+        except OSError:
+            return
+        complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next turn
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("pid") != os.getpid():  # this process's own points are on the console already
+                level = logging.WARNING if entry.get("event") in ("refused", "failed") else logging.INFO
+                logger.log(level, "#%s %s", entry.get("job"), entry.get("message"))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=5)
+        self.drain()
+
+
+# ---------------------------------------------------------------------------------------------------
 # The end of a sweep
 
 
+def _in_multirun(config) -> bool:
+    """A job of a multirun (a torchrun launcher's point is a plain run of its own `python -m train`)."""
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.select(config, "hydra.mode")) == "RunMode.MULTIRUN"
+
+
 class SweepSummary(Callback):
-    """Hydra callback (configs/config.yaml, `hydra.callbacks.sweep_summary`): when a multirun ends,
-    `train.plot.plot_sweep(hydra.sweep.dir)` writes summary.md, curves.png and final_eval_loss.png.
-    Also when a point failed or the sweep was stopped (Hydra then skips on_multirun_end; an atexit
-    hook covers it). `hydra.callbacks.sweep_summary.enabled=false` turns it off."""
+    """Hydra callback (configs/config.yaml, `hydra.callbacks.sweep_summary`):
+
+      * in a point's job (launchers that run `python -m train`'s task function: submitit, basic), it
+        records in the points ledger what the point does (start, resume, skip) and how it ended
+        (finished, refused, failed with the reason);
+      * in the sweep's own process, it shows on the console the ledger lines of points run by other
+        processes (submitit jobs) as they come, and when the multirun ends it writes summary.md,
+        curves.png and final_eval_loss.png (`train.plot.plot_sweep(hydra.sweep.dir)`), also when a
+        point failed or the sweep was stopped (Hydra then skips on_multirun_end; an atexit hook covers
+        it). `hydra.callbacks.sweep_summary.enabled=false` turns the summary and plots off.
+
+    The default torchrun launcher plans and runs the points itself and writes their ledger lines."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.sweep_dir: Path | None = None
         self.done = False
+        self._follower: _LedgerFollower | None = None
+
+    def __getstate__(self):
+        # submitit pickles the launcher, and this callback with it, into every job: no thread in there
+        return {**self.__dict__, "_follower": None}
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        if not self.enabled:
-            return
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        # the ledger says what this run of the sweep does; the points' directories keep what earlier runs did
+        (self.sweep_dir / LEDGER).unlink(missing_ok=True)
+        self._follower = _LedgerFollower(self.sweep_dir)
+        if "torchrun_launcher" not in str(config.hydra.launcher.get("_target_", "")):
+            logger.info("sweep directory %s: each point writes to %s/<its swept overrides> (trainer.output_dir names "
+                        "the sweep directory only)", self.sweep_dir, self.sweep_dir)
         atexit.register(self.write)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         self.write()
 
+    def on_job_start(self, config, **kwargs) -> None:
+        if not _in_multirun(config) or not _first_task():
+            return
+        from omegaconf import OmegaConf
+
+        from .config import validate
+
+        point_dir = Path(str(config.hydra.runtime.output_dir))
+        try:
+            values = OmegaConf.to_container(config, resolve=True)
+            values.pop("hydra", None)
+            values["trainer"]["output_dir"] = str(point_dir)
+            plan = plan_point(validate(values), point_dir)
+        except Exception:  # refused: the job itself says why, and on_job_end records it
+            return
+        record_point(config.hydra.sweep.dir, config.hydra.job.num, point_dir, plan.event, plan.describe(point_dir),
+                     step=plan.last_step, target=plan.target_step)
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        if not _in_multirun(config) or not _first_task():
+            return
+        from hydra.core.utils import JobStatus
+
+        point_dir = Path(str(config.hydra.runtime.output_dir))
+        if job_return.status == JobStatus.COMPLETED:
+            result = job_return.return_value if isinstance(job_return.return_value, dict) else {}
+            if result.get("skipped"):
+                return  # on_job_start recorded it
+            event, fields = ("stopped" if result.get("stopped") else "finished"), {"step": result.get("step")}
+        else:
+            exc = job_return._return_value
+            event, fields = ("refused" if _is_refusal(exc) else "failed"), {"reason": str(exc).strip()}
+        record_point(config.hydra.sweep.dir, config.hydra.job.num, point_dir, event,
+                     outcome_message(point_dir, event, **fields), **fields)
+
     def write(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+            self._follower = None
         if not self.enabled or self.done or self.sweep_dir is None:
             return
         self.done = True

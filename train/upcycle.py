@@ -41,6 +41,7 @@ from models import CheckpointError, DogeConfig
 from models.checkpoint import read_config_json, resolve_model_dir
 
 from . import checkpoint as ckpt
+from .engines import optimizer_state
 
 logger = logging.getLogger("upcycle")
 
@@ -107,17 +108,24 @@ def _convert_trainer_state(src: Path, tmp: Path, moe) -> bool:
     state = json.loads((src / "trainer_state" / "state.json").read_text())
     for rank_file in (src / "trainer_state").glob("rank-*.pt"):
         shutil.copy2(rank_file, tmp / "trainer_state" / rank_file.name)
-    carried = (src / "trainer_state" / "optimizer.pt").is_file()
+    carried = optimizer_state.has_state(src / "trainer_state")
     if carried:
-        saved = torch.load(src / "trainer_state" / "optimizer.pt", map_location="cpu", weights_only=True)
-        if saved.get("format") != "adamw-by-name":
-            raise UpcycleError(f"{src / 'trainer_state' / 'optimizer.pt'}: an optimizer state this trainer did not write")
+        try:
+            saved = optimizer_state.SavedState(src / "trainer_state")
+        except RuntimeError as exc:
+            raise UpcycleError(str(exc)) from None
         moe_names = {name for name, _ in moe.named_parameters()}
-        missing = sorted(set(saved["state"]) - moe_names)
+        missing = sorted(saved.names() - moe_names)
         if missing:
             raise UpcycleError(f"optimizer state for parameters the upcycled model lacks: {missing[:5]}")
-        # the new expert parameters are absent here; the trainer gives them zero moments at this step
-        torch.save(saved, tmp / "trainer_state" / "optimizer.pt")
+        # copied as is: the new expert parameters are absent, and the trainer gives them zero moments at
+        # the saved step when it loads the state
+        for name in (optimizer_state.DIRECTORY, optimizer_state.LEGACY_FILE):
+            source = src / "trainer_state" / name
+            if source.is_dir():
+                shutil.copytree(source, tmp / "trainer_state" / name)
+            elif source.is_file():
+                shutil.copy2(source, tmp / "trainer_state" / name)
     else:
         logger.warning("%s has no optimizer state of ours (a DeepSpeed checkpoint?): DST carries step, schedule and "
                        "data position; the optimizer starts fresh", src)

@@ -1,14 +1,16 @@
 """`hydra/launcher=torchrun` (the default of `python -m train --multirun`): each point of a sweep is its
 own process group, run one after another:
 
-    python -m torch.distributed.run --standalone --nproc_per_node N -m train <the point's overrides>
+    python -m train.launch torchrun --standalone --nproc_per_node N -m train <the point's overrides>
     python -m train <the point's overrides>                               (N = 1)
 
 Hydra's in-process basic launcher cannot do this: a process group cannot be re-created in the process
 that ran the previous point. Per point, before anything starts, the launcher composes and validates
 its config (a refused point fails alone, with the reason), and skips it when its newest complete
 checkpoint is at its last step; otherwise the point runs in `<hydra.sweep.dir>/<its overrides>` with
-`trainer.resume=auto` when it has a checkpoint there (train.sweep.plan_point). Each point's exit
+`trainer.resume=auto` when it has a checkpoint there (train.sweep.plan_point). The console says what
+each point does, in which directory, and how it ended; so does the sweep's points ledger
+(train.sweep.record_point), from which summary.md lists refused points too. Each point's exit
 status becomes its JobReturn: 0 completed; anything else failed (the sweep goes on with the next
 point, and Hydra reports the failures at the end). SIGTERM / SIGINT to the sweep reaches the running
 point, which saves a checkpoint and stops; the sweep then stops with exit status 75, and re-running
@@ -43,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 log = logging.getLogger("train.sweep")
 
 EXIT_STOPPED = 75  # train.loop.EXIT_STOPPED (not imported: plugin discovery must stay light)
+EXIT_REFUSED = 2  # train.cli.EXIT_REFUSED
 
 
 @dataclass
@@ -94,7 +97,8 @@ class TorchrunLauncher(Launcher):
     def _command(self, overrides: Sequence[str], point_dir: Path, resume: Optional[str]) -> List[str]:
         head = [self.python, "-m", "train"]
         if self.nproc_per_node > 1:
-            head = [self.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            # torchrun through train.launch: the point's own exit status (2 refused, 75 stopped), not torchrun's 1
+            head = [self.python, "-m", "train.launch", "torchrun", "--standalone", "--nproc_per_node",
                     str(self.nproc_per_node), *self.torchrun_args, "-m", "train"]
         config = self.config.hydra
         if config.job.config_name != "config":
@@ -158,26 +162,43 @@ class TorchrunLauncher(Launcher):
             return ret, point_dir, exc
 
     def _run_point(self, ret: JobReturn, point_dir: Path, plan, idx: int, env: Dict[str, str]) -> JobReturn:
+        from train.sweep import outcome_message, record_point
+
         if plan.skip:
             ret.status = JobStatus.COMPLETED
             ret.return_value = {"point_dir": str(point_dir), "skipped": True, "step": plan.last_step}
             return ret
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
         log.info("#%d %s", idx, plan.describe(point_dir))
+        record_point(sweep_dir, idx, point_dir, plan.event, plan.describe(point_dir), step=plan.last_step,
+                     target=plan.target_step)
         cmd = self._command(ret.overrides, point_dir, plan.resume)
         log.info("#%d %s", idx, shlex.join(cmd))
         code = self._run(cmd, env)
+        final = _final(point_dir)
+        # under torchrun the exit status is 1 whatever the ranks returned: the run's own record says more
+        stopped = code == EXIT_STOPPED or (code != 0 and _run_status(point_dir) == "stopped")
+        if code == 0 or stopped:
+            event, fields = ("stopped" if stopped else "finished"), {"step": final.get("step")}
+        elif code == EXIT_REFUSED:
+            event, fields = "refused", {"reason": "exit status 2; its message is above in the sweep's log"}
+        else:
+            event, fields = "failed", {"reason": f"exit status {code}; its log is above in the sweep's log"}
+        message = outcome_message(point_dir, event, **fields)
+        log.log(logging.INFO if event == "finished" else logging.WARNING, "#%d %s", idx, message)
+        record_point(sweep_dir, idx, point_dir, event, message, **fields)
         if code == 0:
             ret.status = JobStatus.COMPLETED
-            ret.return_value = {"point_dir": str(point_dir), "skipped": False, "exit_status": 0, **_final(point_dir)}
+            ret.return_value = {"point_dir": str(point_dir), "skipped": False, "exit_status": 0, **final}
             return ret
-        # under torchrun the exit status is 1 whatever the ranks returned: the run's own record says more
-        stopped = code == EXIT_STOPPED or _run_status(point_dir) == "stopped"
-        what = "stopped on request" if stopped else f"failed (exit status {code}; its log is above)"
+        what = "stopped on request" if stopped else f"{event} (exit status {code}; its log is above)"
         ret.status, ret.return_value = JobStatus.FAILED, PointFailed(f"{point_dir}: {what}")
         return ret
 
     # ------------------------------------------------------------------ the sweep
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from train.sweep import outcome_message, record_point
+
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -191,8 +212,12 @@ class TorchrunLauncher(Launcher):
             if isinstance(plan, Exception):
                 log.error("#%d %s: refused: %s", idx, point_dir.name, plan)
                 ret.status, ret.return_value = JobStatus.FAILED, PointFailed(f"{point_dir}: refused: {plan}")
+                record_point(sweep_dir, idx, point_dir, "refused", outcome_message(point_dir, "refused", reason=plan),
+                             reason=str(plan))
             elif plan.skip:
                 log.info("#%d %s", idx, plan.describe(point_dir))
+                record_point(sweep_dir, idx, point_dir, plan.event, plan.describe(point_dir), step=plan.last_step,
+                             target=plan.target_step)
         env = self._environment()
         results: List[JobReturn] = []
         for i, (ret, point_dir, plan) in enumerate(plans):

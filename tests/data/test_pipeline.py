@@ -183,7 +183,8 @@ def test_resume_with_another_world_size_is_refused_unless_asked(smollm):
     loader = setup(cfg, 0, 2)[0]
     take(loader, 3)
     state = loader.state_dict()
-    with pytest.raises(DataError, match=r"world_size=2.*now world_size=1.*data.allow_new_order=true"):
+    with pytest.raises(DataError, match=r"saved with 2 data-parallel rank\(s\), data.num_workers=0 or 1.*now 1 "
+                                        r"data-parallel rank\(s\), data.num_workers=0.*data.allow_new_order=true"):
         setup(cfg, 0, 1)[0].load_state_dict(state)
     fresh = setup(replica_config(smollm, allow_new_order=True), 0, 1)[0]
     fresh.load_state_dict(state)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.loss import IGNORE_INDEX, linear_cross_entropy_sum
+from models.loss import IGNORE_INDEX, chunk_loss_and_grad_logits, chunk_rows, linear_cross_entropy_sum
 from tests.models.helpers import perturb, preset_model
 
 
@@ -112,3 +112,32 @@ def test_model_loss_and_parameter_gradients_equal_the_logits_path(preset):
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bf16_weight_gradient_sums_every_chunk_product_in_fp32():
+    """Under bf16 autocast each chunk's weight gradient grad_logitsᵀ·h (bf16 operands) is added to the
+    fp32 accumulator without first being rounded to bf16. Reference: the same bf16 chunk gradients
+    (chunk_loss_and_grad_logits, as the loss computes them), their products summed in fp64. A product
+    of two bf16 values is exact in fp32, so the only error left is fp32 summation over the n tokens:
+    at most about n·u·Σ|terms| (u = 2⁻²⁴); a bf16-rounded chunk product is off by up to 2⁻⁹ of itself."""
+    hidden, weight, targets = inputs(tokens=64, dim=32, vocab=300)
+    rows = 8
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear_cross_entropy_sum(hidden, w, targets, rows=rows).backward()
+    h16, w16 = hidden.bfloat16(), weight.bfloat16()
+    reference = torch.zeros(weight.shape, dtype=torch.float64)
+    magnitude = torch.zeros(weight.shape, dtype=torch.float64)
+    for start in range(0, hidden.shape[0], rows):
+        _, grad_logits = chunk_loss_and_grad_logits(h16[start:start + rows], w16, targets[start:start + rows], True)
+        reference += grad_logits.double().t() @ h16[start:start + rows].double()
+        magnitude += grad_logits.double().abs().t() @ h16[start:start + rows].double().abs()
+    bound = 2 * hidden.shape[0] * 2.0**-24 * magnitude
+    assert ((w.grad.double() - reference).abs() <= bound).all()
+
+
+def test_chunks_are_larger_on_cuda_than_on_cpu():
+    """On CUDA the chunk budget is larger (fewer, larger GEMMs); the CPU keeps its measured one."""
+    for vocab in (2048, 32768, 151552):
+        assert chunk_rows(vocab, "cuda") > chunk_rows(vocab, "cpu")
+    assert chunk_rows(151552, "cpu") == 512 and chunk_rows(32768, "cuda") == 4096

@@ -86,7 +86,7 @@ def one_process_reference(overrides: list[str], world: int, steps: int) -> dict:
     from data import HeldOut, TokenLoader, build_tokenizer
     from train.config import data_config, validate
     from train.distributed import Topology
-    from train.engine import TorchEngine
+    from train.engines.torch_engine import TorchEngine
     from train.schedule import build_schedule
 
     run = validate(compose(overrides))
@@ -106,3 +106,14 @@ def one_process_reference(overrides: list[str], world: int, steps: int) -> dict:
         result = engine.train_step(micro, schedule(step))
         out["loss"][step + 1], out["aux_loss"][step + 1] = result.loss, result.aux_loss
     return out
+
+
+def one_pick_aux_bound(tokens_per_micro_batch: int, picks_per_token: int, shares: int) -> float:
+    """How much the logged aux loss may differ between two layouts once routing can differ by one pick.
+
+    Step 1 runs on equal weights, so both layouts route alike; later, fp32 sums in another order can
+    swap a token's pick between two near-tied experts. The aux loss E·Σ_e f_e·p_e of a micro-batch then
+    moves by E·(p_b - p_a)/(T·k) (one pick moved from expert a to b); with every mean router probability
+    p_e within a factor 2 of uniform (|p_b - p_a| <= 1/E) that is at most 1/(T·k), and the logged aux is
+    the mean over the step's micro-batches and replicas (`shares`)."""
+    return 1.0 / (tokens_per_micro_batch * picks_per_token * shares)

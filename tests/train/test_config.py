@@ -11,7 +11,7 @@ import yaml
 
 from train.cli import check_overrides, strip_launcher_arguments
 from train.config import OptimSchema, RunConfigError, TrainerSchema, validate
-from train.engine import deepspeed_config
+from train.engines.deepspeed_engine import deepspeed_config
 
 from .conftest import CONFIG_DIR, compose, run_train
 
@@ -97,17 +97,42 @@ def test_unknown_keys_name_the_key_and_the_choices():
     assert "data.tokenizer.vocab" in check_overrides(["data.tokenizer.vocab=3"])
     assert "data.sources.0.wieght. Did you mean weight?" in check_overrides(["data.sources.0.wieght=3"])
     assert "model.hidden" in check_overrides(["model.hidden=3"])
-    assert check_overrides(["optim.lr=1", "model=glm4-tiny", "data.sources.0.path=x", "+foo=1",
-                            "model.hidden_dropout=0.1", "optim.lr=1e-3,2e-3"]) is None
+    assert check_overrides(["optim.lr=1", "model=glm4-tiny", "data.sources.0.path=x", "+parallel.deepspeed.x=1",
+                            "model.hidden_dropout=0.1", "optim.lr=1e-3,2e-3", "experiment=null"]) is None
     with pytest.raises(RunConfigError, match=r"unknown config key optim.lrr.*Did you mean lr"):
         validate({**compose([]), "optim": {"lrr": 1}})
     with pytest.raises(RunConfigError, match=r"model: unknown key 'hidden' in the 'doge' model config"):
         validate(compose(["+model.hidden=3"]))
 
 
+@pytest.mark.parametrize("override,message", [
+    ("parallel=zero4", "unknown parallel preset zero4 (parallel=zero4). Did you mean zero3? Presets of parallel: ddp, "
+                       "zero1, zero2, zero2-offload, zero3, zero3-offload"),
+    ("experiment=doge-20", "unknown experiment preset doge-20 (experiment=doge-20). Did you mean doge-20m?"),
+    ("model=doge-tiny,glm4-tiyn", "unknown model preset glm4-tiyn (model=doge-tiny,glm4-tiyn). Did you mean glm4-tiny?"),
+    ("+optm.lr=1e-3", "unknown config group optm (+optm.lr=1e-3). Did you mean optim? Groups: data, experiment, "),
+    ("trainr=gpu", "unknown config group trainr (trainr=gpu). Did you mean trainer?"),
+])
+def test_misspelt_groups_and_presets_name_the_closest_and_the_choices(override, message, tmp_path, monkeypatch, capsys):
+    status, stderr = _main_in_process([override, f"trainer.output_dir={tmp_path / 'out'}"], monkeypatch, capsys)
+    assert status == 2 and stderr.strip().splitlines() == [stderr.strip()], stderr[-2000:]  # one line
+    assert stderr.startswith(f"error: {message}"), stderr[-2000:]
+
+
+def test_cli_refuses_a_misspelt_preset_or_group_in_one_line(env, tmp_path):
+    for override, message in (
+            ("model=doge-tiyn", "error: unknown model preset doge-tiyn (model=doge-tiyn). Did you mean doge-tiny? "
+                                "Presets of model: doge-160m, doge-20m, "),
+            ("optm.lr=1e-3", "error: unknown config group optm (optm.lr=1e-3). Did you mean optim? Groups: data, "
+                             "experiment, logger, model, optim, parallel, scheduler, trainer")):
+        proc = run_train([override, f"trainer.output_dir={tmp_path / 'out'}"], env, check=False, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_wrong_types_and_choices():
     assert "trainer.max_steps: Value 'many'" in check_overrides(["trainer.max_steps=many"])
-    with pytest.raises(RunConfigError, match=r"trainer.precision='fp8' is not one of \['fp32', 'bf16'\]"):
+    with pytest.raises(RunConfigError, match=r"trainer.precision='fp8' is not one of \['auto', 'fp32', 'bf16'\]"):
         validate(compose(["trainer.precision=fp8"]))
     with pytest.raises(RunConfigError, match=r"parallel.zero_stage=4 is not one of"):
         validate(compose(["parallel.zero_stage=4"]))
@@ -217,7 +242,7 @@ def test_list_elements_may_be_written_with_brackets(tmp_path, monkeypatch, capsy
     missing = tmp_path / "nowhere" / "x.txt"
     status, stderr = _main_in_process(["data=files", f"data.sources[0].path={missing}",
                                        f"trainer.output_dir={tmp_path / 'out'}"], monkeypatch, capsys)
-    assert status == 1 and f"source 'files': no files match '{missing}'" in stderr, stderr[-2000:]
+    assert status == 2 and f"source 'files': no files match '{missing}'" in stderr, stderr[-2000:]
     status, stderr = _main_in_process(["data=files", "data.sources[0].wieght=2"], monkeypatch, capsys)
     assert status == 2 and "data.sources.0.wieght. Did you mean weight?" in stderr, stderr[-2000:]
 

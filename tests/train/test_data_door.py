@@ -15,7 +15,7 @@ import pytest
 
 from tests.data.conftest import build_finemath, build_replica
 
-from .conftest import FAST, metrics, run_train
+from .conftest import FAST, losses, metrics, run_train
 
 
 def _tokens_per_source(stderr: str) -> dict:
@@ -64,14 +64,74 @@ def test_smollm_preset_on_a_local_copy_without_its_weight_zero_sources(tmp_path,
     assert set(tokens) == {"fineweb-edu", "cosmopedia-v2"} and sum(tokens.values()) == 2 * 8 * 64
 
 
-def test_smollm_preset_from_one_key_per_local_copy(tmp_path, env, replicas):
-    """One key per dataset copy, copies without the hub's README.md."""
+def test_smollm_preset_from_one_key_per_local_copy_says_each_fact_once(tmp_path, env, replicas):
+    """One key per dataset copy, copies without the hub's README.md. The log says each fact once: the
+    mixture once per run (not per loader worker, held-out pass and tokenizer), and which sources repeated
+    in the run's last lines (not a line per loader node and pass: finemath, 30 documents, repeats often
+    in 10 steps)."""
     out = tmp_path / "run"
-    proc = run_train([f"trainer.output_dir={out}", "data=smollm", *FAST, *SMALL_TOKENIZER, "trainer.max_steps=2",
+    proc = run_train([f"trainer.output_dir={out}", "data=smollm", *FAST, *SMALL_TOKENIZER, "trainer.max_steps=10",
                       f"data.smollm_corpus_dir={replicas / 'smollm-corpus-no-readme'}",
                       f"data.finemath_dir={replicas / 'finemath'}", "data.sources.2.weight=0"], env)
     tokens = _tokens_per_source(proc.stderr)
     assert set(tokens) == {"fineweb-edu", "cosmopedia-v2", "finemath"} and all(tokens.values())
+    assert proc.stderr.count("sources with weight 0 are left out: ['python-edu']") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("mixture weights normalised to ") == 1, proc.stderr[-3000:]
+    assert not re.search(r"epoch \d+ begins", proc.stderr), proc.stderr[-3000:]
+    found = re.findall(r"sources read to the end and begun again \(times, on the loader node that read most\): "
+                       r"(\{.*\})", proc.stderr)
+    assert len(found) == 1, proc.stderr[-3000:]
+    repeated = eval(found[0])  # a dict literal of str -> int written by the trainer
+    last = metrics(out)[-1]
+    assert repeated == {name: last[f"data/{name}/epoch"] for name in tokens if last[f"data/{name}/epoch"]}
+    assert repeated["finemath"] >= 1
+
+
+def _offline_command_of_the_readme() -> tuple[list[str], dict, list[str]]:
+    """The README's offline smollm example (Data, "A local copy of smollm-corpus"), as written: its
+    `hf download` lines as (repo id, local dir) and its `python -m train` line as (environment, arguments)."""
+    import shlex
+
+    from .conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    bullet = readme[readme.index("* **A local copy of smollm-corpus**"):]
+    block = bullet[bullet.index("```bash") + len("```bash"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    downloads, command = [], None
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:2] == ["hf", "download"]:
+            downloads.append((words[2], words[words.index("--local-dir") + 1]))
+        elif "python" in words and command is None:
+            start = words.index("python")
+            assert words[start + 1:start + 3] == ["-m", "train"], line
+            command = (dict(w.split("=", 1) for w in words[:start]), words[start + 3:])
+    assert command is not None, block
+    return downloads, *command
+
+
+def test_the_readme_offline_smollm_command_runs_offline_as_written(tmp_path, env, replicas):
+    """The README's command, word for word, with each `hf download` target replaced by a local copy of the
+    same layout (the corpus replicas here; for the tokenizer, a folder of tokenizer files) and the run
+    made small (steps, batch, sequence length, fp32 on a CPU). Offline: the hub is out of reach, boto3 not
+    installed; a path the command reads but no `hf download` line provides stays as written and fails."""
+    from data import SourceConfig, TokenizerConfig, build_tokenizer
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    build_tokenizer(TokenizerConfig(vocab_size=512, train_bytes=200_000, cache_dir=str(tmp_path / "bpe")),
+                    [SourceConfig("python-stdlib", "builtin:python-stdlib")]).save(tokenizer_dir)
+    copies = {"HuggingFaceTB/smollm-corpus": replicas / "smollm-corpus", "HuggingFaceTB/finemath": replicas / "finemath",
+              "SmallDoge/Doge-tokenizer": tokenizer_dir}
+    downloads, readme_env, args = _offline_command_of_the_readme()
+    for repo, local_dir in downloads:
+        args = [a.replace(local_dir, str(copies[repo])) for a in args]
+    out = tmp_path / "run"
+    small = [*FAST, "trainer.max_steps=2", "trainer.precision=fp32", f"trainer.output_dir={out}"]
+    proc = run_train([*args, *small], {**env, **readme_env, "HF_HUB_OFFLINE": "1"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(losses(out)) == [1, 2]
+    assert set(_tokens_per_source(proc.stderr)) == {"fineweb-edu", "cosmopedia-v2", "finemath"}
 
 
 def test_python_edu_is_fetched_for_training_and_skipped_by_bpe_training(tmp_path, env, replicas):
@@ -102,6 +162,22 @@ def test_python_edu_is_fetched_for_training_and_skipped_by_bpe_training(tmp_path
     assert record["data/python-edu/documents"] > 0 and record["data/python-edu/skipped_fetch"] == 0
 
 
+def test_every_problem_of_the_data_is_named_at_once_before_any_work(tmp_path, env, replicas):
+    """Offline, without boto3 and without the blobs cached: python-edu cannot be fetched, and the preset's
+    tokenizer (on the hub) cannot be loaded. Independent problems, both in the one refusal."""
+    out = tmp_path / "run"
+    proc = run_train([f"trainer.output_dir={out}", "data=smollm", *FAST, "trainer.max_steps=2",
+                      f"data.smollm_corpus_dir={replicas / 'smollm-corpus'}", "data.sources.2.weight=0.5",
+                      "data.sources.3.weight=0"], {**env, "SMOLPRETRAIN_CACHE": str(tmp_path / "cache")}, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: 2 problems with the data: (1) "), proc.stderr[-3000:]
+    assert "python-edu needs boto3 to fetch file contents from Software Heritage" in errors[0]
+    assert "tokenizer 'SmallDoge/Doge-tokenizer': could not load it" in errors[0]
+    assert "use data.tokenizer.name_or_path=bpe to train one on the corpus" in errors[0]
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def _python_files_as_parquet(directory, columns_per_file):
     """Real text (the standard library's sources, ~1 MB) in parquet files whose other columns differ."""
     from data.sources import stdlib_files
@@ -130,7 +206,7 @@ def test_files_lacking_the_text_column_are_named(tmp_path, env):
     proc = run_train([f"trainer.output_dir={tmp_path / 'run'}", "data=files",
                       f"data.sources.0.path={tmp_path / 'corpus'}/*.parquet", *FAST, "trainer.max_steps=2"],
                      env, check=False)
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]  # found before any work: refused
     assert (f"error: source 'files': the files have different columns: 1 of 3 lack column 'text' "
             f"({tmp_path / 'corpus' / 'part-1.parquet'}: columns ['body', 'no-text']") in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -144,10 +144,22 @@ def test_upcycled_checkpoint_trains_under_expert_parallelism(tmp_path, env):
     run_train([*FAST, "trainer.max_steps=3", f"trainer.output_dir={dense}"], env)
     assert upcycle_main([str(dense / "checkpoints" / "step-3"), str(tmp_path / "moe"), "--num-experts", "16",
                          "--experts-per-token", "4"]) == 0
-    # trained in one process, continued on two: a new data order (the optimizer state carries over)
-    run_train([*FAST, *EP, "trainer.max_steps=5", f"trainer.output_dir={tmp_path / 'run'}",
-               f"trainer.resume={tmp_path / 'moe'}", "data.allow_new_order=true"], env, nproc=2)
+    # trained in one process, continued on two: the data order cannot go on token for token, so the run is
+    # refused, in the keys the user set (data.num_workers=0, not the one stream per rank the state records)
+    continued = [*FAST, *EP, "trainer.max_steps=5", f"trainer.output_dir={tmp_path / 'run'}",
+                 f"trainer.resume={tmp_path / 'moe'}"]
+    proc = run_train(continued, env, nproc=2, check=False)
+    assert proc.returncode != 0 and not (tmp_path / "run").exists(), proc.stderr[-3000:]
+    assert ("error: cannot resume the data stream exactly: saved with 1 data-parallel rank(s), data.num_workers=0 or "
+            "1, data fingerprint ") in proc.stderr, proc.stderr[-3000:]
+    assert "; now 2 data-parallel rank(s), data.num_workers=0, fingerprint " in proc.stderr
+    assert "or set data.allow_new_order=true to start a fresh data order" in proc.stderr
+    # with a new data order it trains (the optimizer state carries over)
+    proc = run_train([*continued, "data.allow_new_order=true"], env, nproc=2)
     assert sorted(losses(tmp_path / "run")) == [4, 5]
+    # the per_token layout's export warning: once, where config.json is written (rank 0's save at step 5),
+    # not also where the resumed architecture is compared with the model group's
+    assert proc.stderr.count("exporting a Doge MoE with router_layout='per_token'") == 1, proc.stderr[-3000:]
     trained = models.from_pretrained(tmp_path / "run" / "checkpoints" / "step-5")
     assert trained.config.is_moe and trained.model.layers["0"].mlp.up_embed.weight.abs().sum() > 0
 
@@ -170,3 +182,40 @@ def test_expert_parallel_size_must_divide_the_world(tmp_path, env):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "parallel.expert_parallel=2 does not divide the world of 1 processes; use a divisor of 1 ([1])" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _cdmoe_slot_work(preset: str) -> dict:
+    """One rank: doge's CDMoE sharded over every rank, one forward and backward of the same batch on each;
+    the slots this rank computed and the slots of the group's tokens."""
+    import models
+    from train.distributed import setup, teardown
+    from train.engines.expert_parallel import ShardedRankOneExperts, shard_experts
+
+    from .conftest import compose
+
+    topology = setup("cpu", expert_parallel=int(os.environ["WORLD_SIZE"]))
+    try:
+        torch.manual_seed(0)
+        model = models.build(validate(compose([f"model={preset}"])).model)
+        shard_experts(model, topology)
+        ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(topology.rank))
+        model(ids, labels=ids).loss.backward()
+        experts = [m for m in model.modules() if isinstance(m, ShardedRankOneExperts)]
+        return {"computed": sum(m.slots_computed for m in experts), "seen": sum(m.slots_seen for m in experts)}
+    finally:
+        teardown()
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_each_cdmoe_rank_computes_only_its_experts_slots(ranks, cache_dir):
+    """The slots of the group's tokens are split between the ranks without overlap (each computes only
+    those of the experts it holds): together they compute each slot once, each about 1/N of them (the
+    router's picks are near uniform at initialisation: within 25% of an even share)."""
+    from tests.ranks import run_distributed
+
+    work = [r["value"] for r in run_distributed(_cdmoe_slot_work, ranks, "doge-tiny-moe")]
+    seen = work[0]["seen"]
+    assert all(w["seen"] == seen for w in work)
+    assert sum(w["computed"] for w in work) == seen
+    for w in work:
+        assert abs(w["computed"] / seen - 1 / ranks) <= 0.25 / ranks, work

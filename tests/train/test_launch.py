@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from .conftest import FAST, REPO, losses, metrics
 
@@ -60,8 +59,58 @@ def test_deepspeed_launcher_script(tmp_path, env):
                  f"trainer.output_dir={tmp_path}"], {**env, "NUM_GPUS": "2", "MASTER_PORT": "29533"})
     assert sorted(losses(tmp_path)) == [1, 2]
     assert "pipeline stage 1:" in proc.stderr  # two stages ran
-    saved = torch.load(tmp_path / "checkpoints" / "step-2" / "trainer_state" / "optimizer.pt", weights_only=True)
-    assert saved["format"] == "adamw-by-name"
+    from train.engines import optimizer_state
+
+    saved = optimizer_state.read_full(tmp_path / "checkpoints" / "step-2" / "trainer_state")
+    assert "model.embed_tokens.weight" in saved and "exp_avg_sq" in saved["model.embed_tokens.weight"]
+
+
+def _refused_once(proc, message: str) -> None:
+    """A refusal as one process says it: exit status 2 and one `error:` line, whatever the launcher."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and errors == [f"error: {message}"], proc.stderr[-5000:]
+    assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+# 6 rows per step cannot be split over 2 ranks x 4 rows: refused by every rank
+REFUSED = [*(o for o in TINY if not o.startswith("trainer.global_batch_size")), "trainer.global_batch_size=6"]
+REFUSAL = ("trainer.global_batch_size=6 is not a multiple of micro_batch_size x data-parallel replicas = 4 x 2; "
+           "change one of them")
+
+
+def test_launch_scripts_exit_with_the_runs_own_status(tmp_path, env):
+    """torchrun and the deepspeed launcher exit 1 whatever their ranks returned (torchrun after ~40 lines
+    of ChildFailedError): through the launch scripts, a refusal is said once (rank 0) and exits 2."""
+    out = tmp_path / "run"
+    run_env = {"PYTHON": sys.executable, **env}
+    proc = subprocess.run(["launch/torchrun.sh", *REFUSED, f"trainer.output_dir={out}"],
+                          env={**run_env, "NPROC": "2"}, cwd=REPO, capture_output=True, text=True, timeout=300)
+    _refused_once(proc, REFUSAL)
+    proc = subprocess.run(["launch/deepspeed.sh", *REFUSED, f"trainer.output_dir={out}"],
+                          env={**run_env, "NUM_GPUS": "2", "MASTER_PORT": "29534"}, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    _refused_once(proc, REFUSAL)
+    assert not out.exists()
+
+
+def test_torchrun_script_stopped_on_request_exits_75(tmp_path, env):
+    """SIGTERM to the script (as Slurm or a user sends it) reaches both ranks, which save a checkpoint and
+    stop; the script exits 75 (requeue me), not torchrun's 1."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(["launch/torchrun.sh", *FAST, "trainer.max_steps=100000", f"trainer.output_dir={out}"],
+                            env={"PYTHON": sys.executable, **env, "NPROC": "2"}, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and metrics(out)):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 75, stderr[-5000:]
+    last = max(losses(out))
+    assert f"stopped on request at step {last} of 100000" in stderr and "ChildFailedError" not in stderr
+    assert (out / "status").read_text().strip() == "stopped"
+    state = out / "checkpoints" / f"step-{last}" / "trainer_state"
+    assert sorted(p.name for p in state.glob("rank-*.pt")) == ["rank-0.pt", "rank-1.pt"]  # both ranks saved
 
 
 def test_sweep_script_runs_one_job_per_point(tmp_path, env):
@@ -100,7 +149,7 @@ def test_launch_scripts_fall_back_to_the_python_on_path(tmp_path, env):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert sorted(losses(out)) == [1, 2]
-    assert "-m torch.distributed.run --standalone --nproc_per_node 1 -m train" in used.read_text()
+    assert "-m train.launch torchrun --standalone --nproc_per_node 1 -m train" in used.read_text()
 
     tools = tmp_path / "no-python"  # a PATH with no python at all: a message that says what to do
     tools.mkdir()
@@ -177,3 +226,20 @@ def test_slurm_finished_or_failed_run_is_not_requeued(tmp_path, fake_slurm):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "no such checkpoint" in proc.stderr
     assert "requeue" not in log.read_text()
+    assert (out / "status").read_text().strip() == "finished"  # the refused attempt changed nothing
+
+
+def test_slurm_starts_one_rank_per_gpu_of_the_job_not_of_the_node(tmp_path, fake_slurm):
+    """A job given 2 of a node's 4 GPUs (SLURM_GPUS_ON_NODE=2): nvidia-smi, which lists the node's 4 where no
+    cgroup hides them, made the script start 4 ranks."""
+    log, slurm_env = fake_slurm
+    bin_dir = Path(slurm_env["PATH"].split(os.pathsep)[0])
+    _executable(bin_dir / "nvidia-smi", "#!/usr/bin/env bash\nfor i in 0 1 2 3; do echo \"GPU $i: H100\"; done\n")
+    job_env = {k: v for k, v in slurm_env.items() if k != "GPUS_PER_NODE"}
+    out = tmp_path / "run"
+    proc = subprocess.run(["/bin/bash", str(REPO / "launch" / "slurm.sbatch"), *TINY, f"trainer.output_dir={out}"],
+                          env={**job_env, "SLURM_GPUS_ON_NODE": "2"}, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    state = out / "checkpoints" / "step-2" / "trainer_state"
+    assert sorted(p.name for p in state.glob("rank-*.pt")) == ["rank-0.pt", "rank-1.pt"]

@@ -139,9 +139,12 @@ def test_several_runs_are_overlaid_one_colour_each_with_a_legend_by_name(tmp_pat
     ax = fig.panels["learning rate"]
     colours = {line.get_gid().split(":")[0]: line.get_color() for line in ax.lines}
     assert set(colours) == {"lr-1e-3", "lr-3e-3", "lr-1e-2"} and len(set(colours.values())) == 3
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["lr-1e-3", "lr-3e-3", "lr-1e-2"]
-    loss_legend = [t.get_text() for t in fig.panels["loss vs tokens"].get_legend().get_texts()]
-    assert "lr-3e-3 train" in loss_legend and "lr-3e-3 eval" in loss_legend
+    # one legend beside the panels: each run's colour, then the line styles of train and eval loss
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["lr-1e-3", "lr-3e-3", "lr-1e-2", "train loss", "eval loss"]
+    assert [h.get_color() for h in legend.legend_handles[:3]] == [colours[n] for n in ("lr-1e-3", "lr-3e-3", "lr-1e-2")]
+    assert all(panel.get_legend() is None for panel in fig.panels.values())
+    assert fig._suptitle.get_text() == "3 runs: lr-1e-3, lr-3e-3, lr-1e-2"
     for i, run in enumerate(runs):  # each run's own numbers, in its own colour
         line = _line(fig.panels["loss vs steps"], f"{run.name}:loss:step")
         assert list(line.get_ydata()) == [r["loss"] for r in _records(seed=i, scale=1 + 0.1 * i)]
@@ -257,7 +260,7 @@ def test_sweep_of_two_keys_linear_and_categorical(tmp_path):
     fig = plot.sweep_figure(plot.sweep_rows(runs, keys), keys)
     assert fig.panels["optim.lr"].get_xscale() == "linear"  # 4x: not worth a log axis
     assert [t.get_text() for t in fig.panels["scheduler.name"].get_xticklabels()] == ["cosine", "wsd"]
-    assert list(_line(fig.panels["scheduler.name"], "scheduler.name").get_xdata()) == [1, 1, 0]
+    assert list(_line(fig.panels["scheduler.name"], "scheduler.name").get_xdata()) == [0, 1, 1]  # p2, then p0, p1
     written = plot.plot_sweep(sweep, tmp_path / "report")
     assert "optim.lr=0.004, scheduler.name=cosine" in written["summary"].read_text()
     assert all(_png_size(written[k])[0] > 0 for k in ("curves", "final_eval_loss"))
@@ -318,3 +321,52 @@ def test_cli_plots_a_real_tiny_moe_run(tmp_path, env):
     assert list(_line(fig.panels["aux loss"], "moe-run:aux_loss:step").get_ydata()) == [r["aux_loss"] for r in records]
     (image,) = fig.panels["expert load heatmap"].get_images()
     numpy.testing.assert_allclose(image.get_array(), [[s * 64 for s in row] for row in records[-1]["expert_load"]])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The user's door: python -m train.plot on a sweep with numeric values, read as a user would
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_a_numeric_sweep_reads_in_value_order_and_nothing_covers_the_curves(tmp_path, env):
+    """Points trainer.seed=5,10,15,20 of a 4-expert MoE: summary.md, the legend and the final-loss axis
+    in value order (not 10, 15, 20, 5 as text), a title that does not list every point, no legend over
+    the panels, whole experts on the heatmap's axis."""
+    sweep = tmp_path / "seeds"
+    for i, seed in enumerate([5, 10, 15, 20]):
+        config = {"model": {"num_hidden_layers": 2}, "trainer": {"max_steps": 6, "seed": seed}}
+        _write_run(sweep / f"trainer.seed={seed}", _records(steps=6, eval_every=3, moe=True, experts=4, routers=2,
+                                                            seed=i, scale=1 + 0.05 * i), config, (6,))
+    proc = subprocess.run([sys.executable, "-m", "train.plot", str(sweep)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = _parse_summary((sweep / "summary.md").read_text())
+    assert list(table) == ["trainer.seed=5", "trainer.seed=10", "trainer.seed=15", "trainer.seed=20"]
+    assert "4 points (4 finished)" in (sweep / "summary.md").read_text()
+    for name in ("curves.png", "final_eval_loss.png"):
+        _image_is_drawn(sweep / name, _png_size(sweep / name))
+
+    # the figures the CLI drew, from the same directory
+    runs = [plot.load_run(p) for p in plot.sweep_points(sweep)]
+    rows = plot.sweep_rows(runs, ["trainer.seed"])
+    labels, title = plot._labels(rows, ["trainer.seed"])
+    fig = plot.figure_for_runs([r["run"] for r in rows], title="sweep seeds: 4 points", labels=labels,
+                               legend_title=title)
+    (legend,) = fig.legends
+    assert legend.get_title().get_text() == "trainer.seed"
+    assert [t.get_text() for t in legend.get_texts()][:4] == ["5", "10", "15", "20"]
+    fig.canvas.draw()  # places the legend
+    box = legend.get_window_extent()
+    for name, ax in fig.panels.items():
+        assert ax.get_legend() is None, name
+        assert not _overlap(box, ax.get_window_extent()), name  # beside the panels, over no curve or marker
+    heatmaps = [ax for name, ax in fig.panels.items() if name.startswith("expert load heatmap")]
+    assert len(heatmaps) == 4
+    for ax in heatmaps:
+        ticks = [t for t in ax.get_xticks() if -0.5 <= t <= 3.5]
+        assert ticks == [0, 1, 2, 3]  # one tick per expert, none at 0.5
+    line = _line(plot.sweep_figure(rows, ["trainer.seed"]).panels["trainer.seed"], "trainer.seed")
+    assert list(line.get_xdata()) == [5, 10, 15, 20]

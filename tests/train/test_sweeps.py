@@ -31,14 +31,19 @@ def sweep(args: list[str], env: dict, check: bool = True, timeout: int = 300) ->
     return proc
 
 
-def summary_rows(sweep_dir: Path) -> dict[str, str]:
-    """summary.md's table: point -> status."""
+def summary_cells(sweep_dir: Path, column: int) -> dict[str, str]:
+    """summary.md's table, in its order: point -> the cell of `column` (6: status, 5: wall time)."""
     rows = {}
     for line in (sweep_dir / "summary.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 7 and cells[0] not in ("point", "---"):
-            rows[cells[0]] = cells[6]
+            rows[cells[0]] = cells[column]
     return rows
+
+
+def summary_rows(sweep_dir: Path) -> dict[str, str]:
+    """summary.md's table: point -> status."""
+    return summary_cells(sweep_dir, 6)
 
 
 def assert_finished_sweep(sweep_dir: Path, points: list[str], steps: list[int]) -> None:
@@ -50,6 +55,17 @@ def assert_finished_sweep(sweep_dir: Path, points: list[str], steps: list[int]) 
         assert (sweep_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
 
 
+def point_lines(stderr: str, sweep_dir: Path, points: list[str], what: str) -> list[str]:
+    """The console's `#N <what>` lines of each point, e.g. what="starting {dir}"; asserts one per point."""
+    found = []
+    for point in points:
+        wanted = what.format(dir=sweep_dir / point)
+        lines = [line for line in stderr.splitlines() if re.search(r"#\d+ " + re.escape(wanted), line)]
+        assert len(lines) == 1, (wanted, stderr[-5000:])
+        found += lines
+    return found
+
+
 def ranks_that_saved(point_dir: Path, step: int) -> list[str]:
     return sorted(p.name for p in (point_dir / "checkpoints" / f"step-{step}" / "trainer_state").glob("rank-*.pt"))
 
@@ -58,12 +74,14 @@ def test_local_launcher_runs_a_grid_and_a_rerun_skips_the_finished_points(tmp_pa
     sweep_dir = tmp_path / "grid"
     args = [*TINY, *GRID, f"hydra.sweep.dir={sweep_dir}"]
     started = time.perf_counter()
-    sweep(args, env)
+    proc = sweep(args, env)
     first_run = time.perf_counter() - started
     assert_finished_sweep(sweep_dir, POINTS, [1, 2])
     for point in POINTS:
         config = json.loads((sweep_dir / point / "config.json").read_text())
         assert f"model={config['model']['model_type']}-tiny,optim.lr={config['optim']['lr']}" == point
+    point_lines(proc.stderr, sweep_dir, POINTS, "starting {dir}")
+    point_lines(proc.stderr, sweep_dir, POINTS, "{dir}: finished at step 2")
 
     before = {p: (sweep_dir / p / "metrics.jsonl").read_bytes() for p in POINTS}
     started = time.perf_counter()
@@ -85,13 +103,58 @@ def test_local_launcher_runs_a_grid_and_a_rerun_skips_the_finished_points(tmp_pa
         assert f"model={model},optim.lr=-0.001: refused: optim.lr=-0.001 must be > 0" in proc.stderr
         assert not (sweep_dir / f"model={model},optim.lr=-0.001").exists()
     assert "2 of 6 points failed" in proc.stderr and "Traceback" not in proc.stderr
+    assert_refused_points_are_summarised(sweep_dir)
+
+
+REFUSED = ["model=doge-tiny,optim.lr=-0.001", "model=glm4-tiny,optim.lr=-0.001"]
+
+
+def assert_refused_points_are_summarised(sweep_dir: Path) -> None:
+    """The grid extended by optim.lr=-1e-3: summary.md lists all 6 points, the refused ones with the
+    reason, in the order of their values (-0.001 first); the plots mark them."""
+    from train import plot
+    from train.sweep import last_events
+
+    text = (sweep_dir / "summary.md").read_text()
+    assert "6 points (4 finished, 2 refused)" in text
+    rows = summary_rows(sweep_dir)
+    assert list(rows) == [REFUSED[0], *POINTS[:2], REFUSED[1], *POINTS[2:]]
+    for point in REFUSED:
+        assert rows[point].startswith("refused: optim.lr=-0.001 must be > 0"), rows[point]
+    runs = [plot.load_run(sweep_dir / p) for p in POINTS]
+    keys = plot.swept_keys(runs, REFUSED)
+    table = plot.sweep_rows(runs, keys, last_events(sweep_dir))
+    marks = _gid(plot.sweep_figure(table, keys).panels["optim.lr"], "optim.lr:no final eval loss")
+    assert list(marks.get_xdata()) == [-0.001, -0.001]
+    labels, title = plot._labels(table, keys)
+    legend = plot.figure_for_runs(runs, labels=labels, legend_title=title,
+                                  absent=[(labels[p], "refused") for p in REFUSED]).legends[0]
+    assert [t.get_text() for t in legend.get_texts()][-2:] == ["doge-tiny, -0.001 (refused)",
+                                                              "glm4-tiny, -0.001 (refused)"]
+
+
+def _gid(ax, gid):
+    (line,) = [line for line in ax.lines if line.get_gid() == gid]
+    return line
 
 
 def test_submitit_local_launcher(tmp_path, env):
     sweep_dir = tmp_path / "grid"
-    sweep([*TINY, *GRID, "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}"], env)
+    proc = sweep([*TINY, *GRID, "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}"], env)
     assert_finished_sweep(sweep_dir, POINTS, [1, 2])
     assert len(list((sweep_dir / ".submitit").glob("*/*_result.pkl"))) == 4  # one submitit job per point
+    # the sweep's own console (not only the jobs' logs in .submitit/) says what each point does, and where
+    point_lines(proc.stderr, sweep_dir, POINTS, "starting {dir}")
+    point_lines(proc.stderr, sweep_dir, POINTS, "{dir}: finished at step 2")
+    assert f"each point writes to {sweep_dir}/<its swept overrides>" in proc.stderr
+
+    extended = [*TINY, "optim.lr=1e-3,3e-3,-1e-3", "model=doge-tiny,glm4-tiny", "hydra/launcher=submitit_local",
+                f"hydra.sweep.dir={sweep_dir}"]
+    proc = sweep(extended, env, check=False)
+    assert proc.returncode == 1
+    point_lines(proc.stderr, sweep_dir, POINTS, "skipping {dir}: finished (checkpoint at step 2 of 2)")
+    point_lines(proc.stderr, sweep_dir, REFUSED, "{dir}: refused: optim.lr=-0.001 must be > 0")
+    assert_refused_points_are_summarised(sweep_dir)
 
 
 def test_a_stopped_point_is_resumed_by_running_the_sweep_again(tmp_path, env):
@@ -161,6 +224,14 @@ def test_decay_branches_fan_out_from_a_stable_run_in_one_command(tmp_path, env):
     # linear decay over steps 4, 5: half-way after the first
     assert metrics(decays / "scheduler.branch_from_step=4")[0]["lr"] == pytest.approx(peak * (1 - 0.5 * (1 - min_lr_ratio)))
     assert summary_rows(decays) == {name: "finished" for name in expected}
+    # wall time: each record's window of the branch's own steps (from its start, not from step 0) at the
+    # rate logged for it; summary.md shows it to 0.1 s
+    walls = summary_cells(decays, 5)
+    for name, (start, _) in expected.items():
+        records = [m for m in metrics(decays / name) if "tokens_per_sec" in m]
+        steps = [start] + [m["step"] for m in records]
+        own = sum((b - a) * 8 * 64 / m["tokens_per_sec"] for a, b, m in zip(steps, steps[1:], records))
+        assert float(walls[name].removesuffix(" s")) == pytest.approx(own, abs=0.05 + 1e-9), name
     assert sorted(losses(stable)) == [1, 2, 3, 4, 5, 6]  # the stable run is untouched
     # a step the stable run did not save: refused, with the steps it has
     proc = subprocess.run([sys.executable, "-m", "train", *FAST, f"trainer.resume={stable}", "scheduler.warmup=0",
@@ -268,3 +339,25 @@ def test_branch_decay_fraction_scales_with_the_branch_start():
         s = build_schedule(cfg, 1.0, 100, branch_from=start)
         assert (s.decay_start, s.decay_steps, s.total_steps) == (start, start // 10, start + start // 10)
         assert s(start - 1) == 1.0 and s(s.total_steps - 1) == 0.0
+
+
+def test_a_point_with_overwrite_output_dir_starts_afresh(tmp_path):
+    """A finished point is skipped and an unfinished one continued (resume=auto); with
+    trainer.overwrite_output_dir=true every point starts afresh (the run removes what its directory
+    holds), and overwriting while continuing is refused."""
+    from train.config import RunConfigError, validate
+    from train.sweep import plan_point
+
+    from .conftest import compose
+
+    point = tmp_path / "point"
+    (point / "checkpoints" / "step-2").mkdir(parents=True)
+    (point / "checkpoints" / "step-2" / "MANIFEST.json").write_text("{}")
+    plan = plan_point(validate(compose(["trainer.max_steps=2"])), point)
+    assert plan.skip and plan.last_step == 2
+    plan = plan_point(validate(compose(["trainer.max_steps=4"])), point)
+    assert not plan.skip and plan.resume == "auto" and plan.last_step == 2
+    plan = plan_point(validate(compose(["trainer.max_steps=2", "trainer.overwrite_output_dir=true"])), point)
+    assert not plan.skip and plan.resume is None and plan.last_step is None
+    with pytest.raises(RunConfigError, match=r"trainer.overwrite_output_dir=true starts a fresh run.*set only one"):
+        validate(compose(["trainer.overwrite_output_dir=true", "trainer.resume=auto"]))

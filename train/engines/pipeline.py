@@ -20,6 +20,8 @@ so a pipeline run resumes under another number of stages, or none.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import time
@@ -31,10 +33,15 @@ from torch import nn
 
 from models.base import embed_inputs
 
-from . import optimizer_state
-from .distributed import LayoutError, Topology
-from .engine import StepResult, StepTotals, _model_inputs, global_targets, import_deepspeed, set_learning_rates
-from .optim import build_optimizer
+from models.loss import count_targets
+
+from ..distributed import LayoutError, Topology
+from ..optim import build_optimizer
+from ..sharded import owned_cpu_tensor
+from . import compat, optimizer_state
+from .base import (StepResult, StepTotals, WeightHolding, global_targets, model_inputs, set_learning_rates,
+                   zero_gradients_and_lr)
+from .expert_parallel import NoSharding
 
 logger = logging.getLogger(__name__)
 
@@ -153,15 +160,19 @@ class PipelineObjective:
 
     def reset(self):
         self.totals = StepTotals()
-        self.finite = True
+        self.nonfinite = None  # a device flag, read once per step (not a host sync per micro-batch)
 
     def __call__(self, outputs, labels):
         hidden, _, _, router_stats = unpack(outputs)
         shift_labels, num_items, aux_weight = labels
         out = self.head_model.output(hidden, router_stats, shift_labels, num_items, aux_weight)
         self.totals.add(out, shift_labels.numel())
-        self.finite = self.finite and bool(torch.isfinite(out.loss.detach()))
+        bad = ~torch.isfinite(out.loss.detach())
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
         return out.loss * self.scale
+
+    def saw_nonfinite(self) -> bool:
+        return self.nonfinite is not None and bool(self.nonfinite)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,10 +180,10 @@ class PipelineObjective:
 
 
 class PipelineEngine:
-    """DeepSpeed's PipelineEngine (ZeRO 0/1) behind the engine interface of train/engine.py."""
+    """DeepSpeed's PipelineEngine (ZeRO 0/1) behind the engine interface (engines/base.py)."""
 
     def __init__(self, model, run, ds_config: dict, topology: Topology, accumulation: int):
-        deepspeed = import_deepspeed(topology)
+        deepspeed = compat.import_deepspeed(topology.device, topology.world_size)
         from deepspeed.pipe import PipelineModule
 
         p = run.parallel
@@ -181,13 +192,19 @@ class PipelineEngine:
         deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
         tied = bool(model.config.tie_word_embeddings)
         items = pipeline_items(model, tied)
-        pipe = PipelineModule(layers=items, num_stages=p.pipeline_stages, loss_fn=None,
-                              partition_method=PARTITION_METHODS[p.pipeline_partition])
+        # Built with autograd off and its prints dropped. (1) It broadcasts the tied embedding from the first
+        # stage in place (_synchronize_tied_weights); with autograd on, torch's fallback for c10d::broadcast_
+        # hooks the weight and warns at every backward ("autograd kernel was not registered ... silently
+        # incorrect"). Harmless there (a leaf's gradient is that of its uses after the copy, which autograd
+        # computes), but a false alarm; under no_grad no hook is made. (2) It prints its seed settings, the
+        # topology and the items of each stage on stdout; _log_stages says the stages in one line each.
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            pipe = PipelineModule(layers=items, num_stages=p.pipeline_stages, loss_fn=None,
+                                  partition_method=PARTITION_METHODS[p.pipeline_partition])
         self._check_partition(pipe, items, p.pipeline_partition)
         # The stage now holds its own items; drop this process's references to the others (they were
         # built on every rank from one full model, so that every layout starts from the same weights).
-        pipe._layer_specs = [s if not isinstance(s, PipeItem) or s in pipe.forward_funcs else None
-                             for s in pipe._layer_specs]
+        compat.pipeline_keep_own_specs(pipe, lambda spec: not isinstance(spec, PipeItem) or spec in pipe.forward_funcs)
         self.items = [m for m in [*pipe.forward_funcs, *pipe.tied_modules.values()] if isinstance(m, PipeItem)]
         # The head model: the CausalLM minus its layers, whose lm_head (or tied embedding) and norm are the
         # last stage's items; the objective runs its `output`.
@@ -195,8 +212,8 @@ class PipelineEngine:
         self.module = model
         self.objective = PipelineObjective(model)
         pipe.loss_fn = self.objective
-        self.named_parameters = self._hf_named_parameters()
-        optimizer = build_optimizer(self.named_parameters, run.optim, topology.device.type)
+        self._named = self._hf_named_parameters()
+        optimizer = build_optimizer(self._named, run.optim, topology.device.type)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, config=ds_config)
         self.model = self.engine
         self.pipe = pipe
@@ -230,16 +247,6 @@ class PipelineEngine:
                     out.append((name, param))
         return out
 
-    def _wrap_instruction(self, instruction, wrapper) -> None:
-        """Run `wrapper(original, engine, **kwargs)` in place of a pipeline instruction's function.
-        DeepSpeed executes each instruction through its class-level _INSTRUCTION_MAP (instruction type
-        -> function, bound at each call), never through the engine's attributes, so assigning an
-        attribute would change nothing: the wrapper goes into this engine's own copy of the map."""
-        table = self.engine.__dict__.get("_INSTRUCTION_MAP") or dict(type(self.engine)._INSTRUCTION_MAP)
-        original = table[instruction]
-        table[instruction] = lambda engine, *args, **kwargs: wrapper(original, engine, *args, **kwargs)
-        self.engine._INSTRUCTION_MAP = table
-
     def _wrap_final_reductions(self) -> None:
         """A step whose loss is not finite cannot be skipped inside DeepSpeed without desynchronising it;
         as in DeepSpeedEngine it is neutralised: before the step's gradient reductions every rank learns
@@ -248,19 +255,16 @@ class PipelineEngine:
         from deepspeed.runtime.pipe import schedule
 
         def checked(original, engine, *args, **kwargs):
-            self._bad_step = self.topology.any(not self.objective.finite)
+            self._bad_step = self.topology.any(self.objective.saw_nonfinite())
             if self._bad_step:
-                for param in self.pipe.parameters():
-                    if param.grad is not None:
-                        param.grad.zero_()
-                set_learning_rates(self.optimizer, 0.0, False)
+                zero_gradients_and_lr(self.pipe.parameters(), self.optimizer)
             return original(engine, *args, **kwargs)
 
-        self._wrap_instruction(schedule.ReduceTiedGrads, checked)
+        compat.wrap_pipeline_instruction(self.engine, schedule.ReduceTiedGrads, checked)
 
     def _log_stages(self) -> None:
         mine = (self.stage, [type(i).__name__ + (f"({i.piece.layer_index})" if isinstance(i, LayerPipe) else "")
-                             for i in self.items], sum(p.numel() for _, p in self.named_parameters))
+                             for i in self.items], sum(p.numel() for _, p in self._named))
         stages = [None] * self.topology.world_size
         dist.all_gather_object(stages, mine)
         for stage, items, count in sorted({s[0]: s for s in stages}.values()):
@@ -271,23 +275,30 @@ class PipelineEngine:
         (bubble and waiting on the neighbouring stages) can be measured against the theoretical one."""
         from deepspeed.runtime.pipe import schedule
 
+        # On CUDA a pass returns once its kernels are queued: the device is synchronised around it so that
+        # the time is the pass's execution, not its launch (this costs the overlap of one pass's launch
+        # with the previous one's tail, which the pipeline's blocking p2p transfers forgo anyway).
+        sync = torch.cuda.synchronize if self.topology.device.type == "cuda" else (lambda: None)
+
         def timed(original, engine, *args, **kwargs):
+            sync()
             start = time.perf_counter()
             try:
                 return original(engine, *args, **kwargs)
             finally:
+                sync()
                 self._busy += time.perf_counter() - start
 
         for instruction in (schedule.ForwardPass, schedule.BackwardPass):
-            self._wrap_instruction(instruction, timed)
+            compat.wrap_pipeline_instruction(self.engine, instruction, timed)
 
     # ------------------------------------------------------------------ steps
     def _batches(self, micro_batches: list[dict], targets: torch.Tensor, aux_weight: float):
         device = self.topology.device
         for batch in micro_batches:
-            batch = _model_inputs(batch, device)
+            batch = model_inputs(batch, device)
             position_ids = batch.get("position_ids", _placeholder(device))
-            labels = (batch["shift_labels"], targets, torch.tensor(aux_weight, dtype=torch.float32, device=device))
+            labels = (batch["shift_labels"], targets, torch.full((), aux_weight, dtype=torch.float32, device=device))
             yield (batch["input_ids"], position_ids), labels
 
     def _same_shapes(self, batch: dict) -> None:
@@ -336,38 +347,43 @@ class PipelineEngine:
         self.engine.eval_batch(iter(self._batches([batch], one, 1.0)), return_logits=False, compute_loss=True,
                                reduce_output=None, bcast_loss=False, num_micro_batches=1)
         self.engine.train()
-        from models.loss import count_targets
-
         flat = self.objective.totals.pack(None, self.topology.device)  # not summed over replicas: the loop does
         dist.broadcast(flat, src=self.last_stage_rank, group=self.engine.grid.get_pipe_parallel_group())
         return float(flat[0]), int(count_targets(batch["shift_labels"]))
 
     # ------------------------------------------------------------------ checkpoints
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every stage's weights under their Hugging Face names, gathered on rank 0 (others get {})."""
-        mine = {}
-        if self.topology.dp_rank == 0:
-            for item in self.items:
-                mine.update({k: v.detach().cpu() for k, v in item.hf_state_dict().items()})
-        return optimizer_state.gather_on_rank0(mine, self.topology.world_size, self.topology.is_main)
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self._named)
+
+    def weight_holdings(self) -> list[WeightHolding]:
+        """This stage's tensors; the tied embedding is held by the first and the last stage (the first
+        stage's copy is written)."""
+        return [WeightHolding(name, self.stage, t.numel() * t.element_size(), str(t.dtype))
+                for item in self.items for name, t in item.hf_state_dict().items()]
+
+    def gather_weights(self, writers: dict[str, int]) -> dict[str, torch.Tensor]:
+        return {name: owned_cpu_tensor(t) for item in self.items for name, t in item.hf_state_dict().items()
+                if writers.get(name) == self.topology.rank}
+
+    def optimizer_chunks(self, step: float | None = None) -> list[optimizer_state.StateChunk]:
+        if compat.is_zero_partitioned(self.optimizer):
+            return optimizer_state.zero_chunks(self.optimizer, self._named, NoSharding(), step, holder=self.stage)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return optimizer_state.torch_chunks(inner, self._named, NoSharding(), step, holder=self.stage)
+
+    def close(self) -> None:
+        self.engine.destroy()  # as DeepSpeedEngine.close: its optimizer's hooks hold the engine
+        compat.pipeline_release_groups()
 
     def save(self, directory: Path) -> None:
-        """AdamW state keyed by Hugging Face parameter name, the torch engine's format (fp32 master
-        weights too when DeepSpeed keeps them apart from the bf16 model)."""
-        optimizer_state.link_fragments(self.optimizer)
-        state = {name: optimizer_state.param_state(self.optimizer, p) for name, p in self.named_parameters}
-        merged = optimizer_state.gather_on_rank0(state if self.topology.dp_rank == 0 else {},
-                                                 self.topology.world_size, self.topology.is_main)
-        if self.topology.is_main:
-            optimizer_state.write(directory, merged)
+        """The name-keyed optimizer state of every engine (fp32 master weights too when DeepSpeed keeps
+        them apart from a bf16 model); each rank writes its own ranges."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        optimizer_state.save(directory, self.optimizer_chunks(), optimizer_state.torch_step(inner), self.topology)
 
     def load(self, directory: Path) -> None:
-        if not (directory / optimizer_state.FILE).is_file():
+        if not optimizer_state.has_state(directory):
             raise RuntimeError(
-                f"{directory.parent}: no optimizer state by parameter name ({optimizer_state.FILE}); start from its "
-                f"weights with +model.init_from={directory.parent}")
-        state = optimizer_state.read(directory)
-        optimizer_state.link_fragments(self.optimizer, optimizer_state.saved_step(state))
-        for name, param in self.named_parameters:
-            if name in state:
-                optimizer_state.set_param_state(self.optimizer, param, state[name])
+                f"{directory.parent}: no optimizer state by parameter name (DeepSpeed's own ZeRO-3 files?); start "
+                f"from its weights with +model.init_from={directory.parent}")
+        optimizer_state.load(directory, self.optimizer_chunks, self.topology)

@@ -16,16 +16,16 @@ replacement itself targets Hugging Face MoE blocks with a standard top-k gate, n
 
 Doge CDMoE (rank-1 experts, thousands of them, 16–64 per token): `down_embed` / `up_embed` keep E/N
 rows per rank. The activations of the group's tokens are all-gathered (with their picked experts and
-weights), each rank adds the contributions of the experts it holds, and the partial outputs are
-reduce-scattered back to the tokens' ranks (`ShardedRankOneExperts`). Sending each token only to the
-ranks that own one of its experts moves fewer bytes, but with k >= 16 picks over N <= 8 ranks nearly
-every rank is hit anyway: 4-18% fewer bytes for the shapes we ship (README's table), at the price of a
-count exchange, a host sync and two variable-size all-to-alls per layer. All-gather / reduce-scatter
-have fixed sizes: no host synchronisation at all.
+weights), each rank computes only the slots that picked one of its experts (about 1/N of the group's:
+one device-to-host read per layer finds how many), and the partial outputs are reduce-scattered back to
+the tokens' ranks (`ShardedRankOneExperts`). Sending each token only to the ranks that own one of its
+experts moves fewer bytes, but with k >= 16 picks over N <= 8 ranks nearly every rank is hit anyway:
+4-18% fewer bytes for the shapes we ship (docs/parallelism.md), at the price of a count exchange and two
+variable-size all-to-alls per layer; all-gather / reduce-scatter have fixed sizes.
 
-Checkpoints stay one Hugging Face directory of full weights (`full_state_dict` gathers the shards) and
-name-keyed optimizer state with full expert tensors, so a run resumes under another expert-parallel
-size, or none.
+Checkpoints stay one Hugging Face directory of full weights (the expert slices gathered one tensor at a
+time by the ranks that write them) and name-keyed optimizer state in flat ranges (each rank writes its
+slice's), so a run resumes under another expert-parallel size, or none.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from models.moe import ExpertDispatch, ExpertDispatcher, Experts, RankOneExperts
 
-from .distributed import Topology
+from ..distributed import Topology
+from . import compat
 
 logger = logging.getLogger(__name__)
 
@@ -63,25 +65,21 @@ class AllToAllDispatcher(ExpertDispatcher):
     def _exchange_plan(self, plan: ExpertDispatch):
         if self._split is not None and self._split[0] is plan:
             return self._split[1:]
-        from deepspeed.module_inject.auto_ep_layer import compute_split_plan
-
         counts = torch.diff(plan.group_end, prepend=plan.group_end.new_zeros(1)).to(torch.int64)
         # one all-to-all of counts and one device-to-host read: what variable-size all-to-all needs
-        split = compute_split_plan(plan.expert, self.num_experts, self.ep_size, self.local_experts, self.group,
-                                   num_tokens_per_expert=counts)
+        split = compat.expert_split_plan(plan.expert, self.num_experts, self.ep_size, self.local_experts, self.group,
+                                         counts)
         by_source = split.local_counts_by_source.to(torch.int64)  # (sources, local experts)
         order, group_end = _by_local_expert(by_source, sum(split.output_splits))
         self._split = (plan, split, order, group_end)
         return split, order, group_end
 
     def forward(self, rows: torch.Tensor, plan: ExpertDispatch, expert_fn) -> torch.Tensor:
-        from deepspeed.module_inject.auto_ep_layer import _AllToAllV
-
         split, order, group_end = self._exchange_plan(plan)
-        received = _AllToAllV.apply(self.group, rows, split.input_splits, split.output_splits)
+        received = compat.all_to_all_v(self.group, rows, split.input_splits, split.output_splits)
         local = expert_fn(received[order], group_end)
         back = torch.empty_like(local).index_copy_(0, order, local)
-        return _AllToAllV.apply(self.group, back, split.output_splits, split.input_splits)
+        return compat.all_to_all_v(self.group, back, split.output_splits, split.input_splits)
 
 
 def _by_local_expert(by_source: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,13 +131,49 @@ class _ReduceScatterRows(torch.autograd.Function):
         return out, None, None
 
 
+class _SlotDot(torch.autograd.Function):
+    """scores[m] = <table[ids[m]], h[token[m]]> for a ragged list of slots sorted by token: the slots of
+    the experts this rank holds, out of the group's gathered tokens. Like models.moe._GatherDot, both
+    gradients are weighted sums of rows (embedding_bag), never an (M, D) gradient tensor: d h[n] sums
+    the slots of token n (bags at `token_starts`), d table[e] the slots that picked e."""
+
+    @staticmethod
+    def forward(ctx, h, token, ids, table, token_starts):
+        ctx.save_for_backward(h, token, ids, table, token_starts)
+        return (F.embedding(ids, table) * h.index_select(0, token)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad_scores):
+        h, token, ids, table, token_starts = ctx.saved_tensors
+        grad_h = grad_table = None
+        if ctx.needs_input_grad[0]:
+            grad_h = F.embedding_bag(ids, table, token_starts, mode="sum",
+                                     per_sample_weights=grad_scores.to(table.dtype)).to(h.dtype)
+        if ctx.needs_input_grad[3]:
+            order = torch.argsort(ids)
+            counts = torch.zeros(table.shape[0], dtype=torch.long, device=ids.device)
+            counts.scatter_add_(0, ids, torch.ones_like(ids))
+            grad_table = F.embedding_bag(token[order], h.to(table.dtype), torch.cumsum(counts, 0) - counts, mode="sum",
+                                         per_sample_weights=grad_scores[order].to(table.dtype))
+        return grad_h, None, None, grad_table, None
+
+
 class ShardedRankOneExperts(RankOneExperts):
-    """RankOneExperts over tables that hold rows [first, first + E/N) of the experts on this rank."""
+    """RankOneExperts over tables that hold rows [first, first + E/N) of the experts on this rank.
+
+    The group's tokens are all-gathered (with their picks and weights), and this rank computes only the
+    slots that picked one of its experts: about 1/N of the group's slots, so its expert arithmetic is that
+    of a replica without expert parallelism. Which slots those are is data-dependent: finding them is one
+    device-to-host read per layer (the number of local slots, for the shapes). Each token's local slots
+    are summed in slot order, as the single process sums all of its slots, and the partial outputs are
+    reduce-scattered back to the tokens' ranks."""
 
     def __init__(self, act, group, ep_size: int, ep_rank: int, local_experts: int):
         super().__init__(act)
         self.group, self.ep_size = group, ep_size
         self.first, self.local_experts = ep_rank * local_experts, local_experts
+        self.slots_computed = 0  # local slots computed so far (what the tests and benchmarks count)
+        self.slots_seen = 0  # slots of the group's tokens
 
     def forward(self, h, experts, weights, down, up):
         h_all = _GatherRows.apply(h, self.group, self.ep_size)
@@ -148,8 +182,14 @@ class ShardedRankOneExperts(RankOneExperts):
         weights_all = _GatherRows.apply(weights.to(h.dtype), self.group, self.ep_size)
         local = experts_all - self.first
         mine = (local >= 0) & (local < self.local_experts)
-        # every slot is computed on a valid local row; the slots of other ranks' experts weigh 0
-        partial = super().forward(h_all, local.clamp(0, self.local_experts - 1), weights_all * mine, down, up)
+        token, slot = mine.nonzero(as_tuple=True)  # row-major: sorted by token, then slot
+        per_token = mine.sum(1)
+        token_starts = torch.cumsum(per_token, 0) - per_token
+        ids = local[token, slot]
+        gates = self.act(_SlotDot.apply(h_all, token, ids, down, token_starts)) * weights_all[token, slot]
+        partial = F.embedding_bag(ids, up, token_starts, mode="sum", per_sample_weights=gates.to(up.dtype))
+        self.slots_computed += ids.numel()
+        self.slots_seen += experts_all.numel()
         return _ReduceScatterRows.apply(partial, self.group, self.ep_size)
 
 
@@ -157,8 +197,41 @@ class ShardedRankOneExperts(RankOneExperts):
 # Sharding a model, and what engines need to know about it
 
 
+class NoSharding:
+    """The sharding strategy of a model whose parameters every data-parallel rank holds whole."""
+
+    ep_size = 1
+
+    def is_expert(self, name: str) -> bool:
+        return False
+
+    def flat_offset(self, name: str, param: torch.Tensor) -> int:
+        """Where this rank's `param` starts in the flattened full parameter."""
+        return 0
+
+    def full_shape(self, name: str, param: torch.Tensor) -> tuple[int, ...]:
+        return tuple(param.shape)
+
+    def exports(self, name: str) -> bool:
+        """Whether this rank takes part in writing `name` to a checkpoint (a replica, or a member of the
+        group that gathers it)."""
+        return True
+
+    def full_tensor(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The full tensor of `name` from this rank's part (collective for expert slices)."""
+        return local
+
+    def reduce_gradients(self, module: nn.Module) -> None:
+        """Gradients DDP does not reduce itself (none here)."""
+
+    def grad_norm(self, named_grads: list[tuple[str, torch.Tensor]], device) -> torch.Tensor:
+        """The global gradient norm over every parameter (collective where parameters are sharded)."""
+        grads = [g for _, g in named_grads]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+
+
 @dataclass
-class ExpertSharding:
+class ExpertSharding(NoSharding):
     """Which parameters are expert slices (name -> rows of the full tensor), and the groups."""
 
     topology: Topology
@@ -171,29 +244,25 @@ class ExpertSharding:
     def is_expert(self, name: str) -> bool:
         return name in self.full_rows
 
-    def local_slice(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        rows = self.full_rows[name] // self.ep_size
-        return full.narrow(0, self.topology.ep_rank * rows, rows)
+    def flat_offset(self, name: str, param: torch.Tensor) -> int:
+        # expert tables are split by rows: this rank's rows are one contiguous range of the flattened tensor
+        return self.topology.ep_rank * param.numel() if self.is_expert(name) else 0
+
+    def full_shape(self, name: str, param: torch.Tensor) -> tuple[int, ...]:
+        return (self.full_rows[name], *param.shape[1:]) if self.is_expert(name) else tuple(param.shape)
+
+    def exports(self, name: str) -> bool:
+        # the first expert-parallel group (ranks 0 .. N-1) gathers the expert tables; its replicas need not
+        return not self.is_expert(name) or self.topology.rank < self.ep_size
+
+    def full_tensor(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        return self.gather(local.detach()) if self.is_expert(name) else local
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """The full tensor from every rank's slice (collective over the expert-parallel group)."""
         full = local.new_empty((local.shape[0] * self.ep_size, *local.shape[1:]))
         dist.all_gather_into_tensor(full, local.contiguous(), group=self.topology.ep_group)
         return full
-
-    def full_state_dict(self, state: dict) -> dict:
-        """A state dict with every expert slice gathered into the full tensor (collective)."""
-        return {k: (self.gather(v.detach()) if self.is_expert(k) else v) for k, v in state.items()}
-
-    def gather_optimizer_state(self, name: str, state: dict) -> dict:
-        if not self.is_expert(name):
-            return state
-        return {k: (self.gather(v) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()}
-
-    def slice_optimizer_state(self, name: str, state: dict) -> dict:
-        if not self.is_expert(name):
-            return state
-        return {k: (self.local_slice(name, v) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()}
 
     def reduce_gradients(self, module: nn.Module) -> None:
         """Expert gradients, which DDP leaves alone: summed over the ranks holding the same slice (other
@@ -206,13 +275,12 @@ class ExpertSharding:
                 if edp > 1:
                     dist.all_reduce(param.grad, group=self.topology.edp_group)
 
-    def grad_norm(self, module: nn.Module) -> torch.Tensor:
-        """The global gradient norm: replicated parameters once, expert slices summed over the group."""
+    def grad_norm(self, named_grads: list[tuple[str, torch.Tensor]], device) -> torch.Tensor:
+        """Replicated parameters once, expert slices summed over the group."""
         shared, expert = [], []
-        for name, param in module.named_parameters():
-            if param.grad is not None:
-                (expert if self.is_expert(name) else shared).append(param.grad.detach().float().norm() ** 2)
-        zero = torch.zeros((), device=self.topology.device)
+        for name, grad in named_grads:
+            (expert if self.is_expert(name) else shared).append(grad.detach().float().norm() ** 2)
+        zero = torch.zeros((), device=device)
         expert_sq = torch.stack(expert).sum() if expert else zero
         dist.all_reduce(expert_sq, group=self.topology.ep_group)
         return torch.sqrt((torch.stack(shared).sum() if shared else zero) + expert_sq)
@@ -220,10 +288,8 @@ class ExpertSharding:
 
 def shard_experts(model: nn.Module, topology: Topology) -> ExpertSharding:
     """Keep this rank's slice of every expert tensor and swap in the expert-parallel siblings."""
-    from .engine import import_deepspeed
-
     # DeepSpeed's AutoEP collectives go through deepspeed.comm, over the process group already set up
-    import_deepspeed(topology).init_distributed(dist_backend=dist.get_backend())
+    compat.import_deepspeed(topology.device, topology.world_size).init_distributed(dist_backend=dist.get_backend())
     sharding = ExpertSharding(topology)
     group, n, r = topology.ep_group, topology.ep_size, topology.ep_rank
     names = {id(p): name for name, p in model.named_parameters()}
@@ -256,31 +322,13 @@ def mark_for_deepspeed(model: nn.Module, sharding: ExpertSharding) -> str:
     engine switches its MoE handling (expert groups, MoE gradient reduction in ZeRO) on only when it finds
     one of those modules. The marker creates DeepSpeed's expert and expert-data-parallel groups
     (`deepspeed.utils.groups`) when the engine asks for them."""
-    from deepspeed.moe.layer import MoE
-
     group_name = f"ep_size_{sharding.ep_size}"
-
-    class ExpertParallelMarker(MoE):
-        def __init__(self, num_experts: int, ep_size: int):
-            nn.Module.__init__(self)  # no gate, no experts: only what DeepSpeed's engine reads
-            self.num_experts, self.ep_size, self.expert_group_name = num_experts, ep_size, group_name
-
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            from deepspeed.utils import groups
-
-            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-                groups._create_expert_and_data_parallel(self.ep_size,
-                                                        use_data_before_expert_parallel_=use_data_before_expert_parallel_)
-
-        def forward(self, *args, **kwargs):
-            raise RuntimeError("the expert-parallel marker is not a layer")
-
     for name, param in model.named_parameters():
         if sharding.is_expert(name):
             param.allreduce = False
             param.group_name = group_name
-    model.add_module("deepspeed_expert_parallel", ExpertParallelMarker(max(sharding.full_rows.values()),
-                                                                       sharding.ep_size))
+    model.add_module("deepspeed_expert_parallel", compat.expert_parallel_marker(max(sharding.full_rows.values()),
+                                                                                sharding.ep_size, group_name))
     return group_name
 
 

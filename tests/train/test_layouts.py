@@ -1,0 +1,75 @@
+"""Every parallel layout against one process on the same global batches, with the trainer running on two
+in-process gloo ranks (tests/ranks.py: forked from a process that has imported everything, so a layout
+costs its training steps, not two interpreter starts and a torchrun). The fast tier's layout check; the
+door tests start the same layouts through `torchrun -m train` (test_pipeline.py, test_expert_parallel.py,
+test_parallel.py, test_launch.py).
+
+The reference draws the rows of both data ranks and accumulates them in one TorchEngine step."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.ranks import train_in_ranks
+
+from .conftest import FAST, metrics, one_pick_aux_bound, one_process_reference
+
+STEPS = 3
+COMMON = [*FAST, f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", "scheduler.warmup=1",
+          "trainer.eval_every=0"]
+TOLERANCE = 2e-5  # fp32: the layouts differ in the order of floating-point sums only
+PIPE = ["parallel=zero1", "parallel.pipeline_stages=2"]
+EP = ["parallel.expert_parallel=2"]
+# picks per token, for the aux loss's one-pick bound (conftest.one_pick_aux_bound)
+PICKS = {"doge-tiny-moe": 8, "jetmoe-tiny": 2}
+
+LAYOUTS = {
+    "ddp": ("doge-tiny-moe", ["parallel=ddp"]),
+    "zero1": ("doge-tiny-moe", ["parallel=zero1"]),
+    "zero2": ("doge-tiny-moe", ["parallel=zero2"]),
+    "zero3": ("doge-tiny", ["parallel=zero3"]),
+    "pipeline-doge": ("doge-tiny", PIPE),
+    "pipeline-glm4": ("glm4-tiny", PIPE),
+    "pipeline-jetmoe": ("jetmoe-tiny", PIPE),
+    "pipeline-doge-moe": ("doge-tiny-moe", PIPE),
+    "ep-jetmoe": ("jetmoe-tiny", ["parallel=ddp", *EP]),
+    "ep-doge-moe": ("doge-tiny-moe", ["parallel=ddp", *EP]),
+    "ep-zero2-jetmoe": ("jetmoe-tiny", ["parallel=zero2", *EP]),
+}
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, cache_dir):
+    os.environ["SMOLPRETRAIN_CACHE"] = str(cache_dir)
+    out = {}
+    for preset, layout in LAYOUTS.values():
+        dp = 1 if layout is PIPE else 2
+        if (preset, dp) not in out:
+            out[preset, dp] = one_process_reference(
+                [*COMMON, f"model={preset}", f"trainer.output_dir={tmp_path_factory.mktemp('ref')}"], dp, STEPS)
+    return out
+
+
+# the fast tier checks one preset per layout; the other presets' pipelines run in the full suite
+FULL_SUITE_ONLY = {"pipeline-doge", "pipeline-glm4", "pipeline-jetmoe", "ep-zero2-jetmoe"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in FULL_SUITE_ONLY else n
+                                  for n in LAYOUTS])
+def test_two_ranks_equal_one_process(name, references, tmp_path, cache_dir):
+    preset, layout = LAYOUTS[name]
+    dp = 1 if layout is PIPE else 2
+    train_in_ranks([*COMMON, *layout, f"model={preset}", f"trainer.output_dir={tmp_path}"], 2,
+                   env={"SMOLPRETRAIN_CACHE": str(cache_dir)})
+    reference = references[preset, dp]
+    records = {r["step"]: r for r in metrics(tmp_path)}
+    assert sorted(records) == list(range(1, STEPS + 1))
+    accumulation = 8 // (2 * dp)  # FAST's 8 rows per step, 2 per micro-batch
+    for step in range(1, STEPS + 1):
+        assert abs(records[step]["loss"] - reference["loss"][step]) <= TOLERANCE, (step, records[step]["loss"])
+        if reference["aux_loss"][step] is not None:
+            bound = TOLERANCE if step == 1 else TOLERANCE + one_pick_aux_bound(2 * 64, PICKS[preset], accumulation * dp)
+            assert abs(records[step]["aux_loss"] - reference["aux_loss"][step]) <= bound, step
+    assert records[STEPS]["loss"] < records[1]["loss"]
