@@ -13,7 +13,7 @@ CDMoE is the dense SwiGLU MLP (the shared expert) plus many rank-1 experts: expe
 scores K sub-keys twice (K = √E), and expert a·K + b scores s_x[a] + s_y[b].
 
 Matches transformers 5.23's DogeForCausalLM (config.json, key names, logits), with two deliberate
-improvements (README, "Where we differ from transformers, on purpose"):
+improvements (docs/models.md, "Where we differ from transformers, on purpose"):
   * `router_layout="per_token"` (our default) splits each token's own router logits into its two
     halves. transformers reshapes the whole batch's logits with `view(2, N, K)`, so token i is routed with
     other tokens' logits (future tokens, other batch rows): not causal. `router_layout="transformers"`

@@ -1,6 +1,6 @@
-"""The shape of the code (docs: ../README.md "Layout"): which package may import which, and no import
-cycles, counting imports inside functions too (a deferred import hides a cycle from Python, not from a
-reader). Read from the sources with `ast`, nothing is imported."""
+"""The shape of the code (docs/architecture.md, "Layout" and "Import directions"): which package may
+import which, and no import cycles, counting imports inside functions too (a deferred import hides a
+cycle from Python, not from a reader). Read from the sources with `ast`, nothing is imported."""
 
 from __future__ import annotations
 

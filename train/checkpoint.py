@@ -4,7 +4,7 @@ tokenizer files) with the training state beside it:
 
     trainer_state/state.json        step, tokens seen, schedule, run identity (wandb id), counters
     trainer_state/optimizer/        AdamW state by parameter name, in flat ranges (engines/optimizer_state.py)
-    trainer_state/deepspeed/        DeepSpeed's own files (ZeRO-3 only)
+    trainer_state/deepspeed/        DeepSpeed's own files (earlier versions of this trainer; still read)
     trainer_state/rank-<r>.pt       per rank: data loader state and RNG states
     trainer_state/config.json       the run's resolved config (names what changed when a resume is refused)
     MANIFEST.json                   every file with its size and SHA-256, written last

@@ -262,18 +262,12 @@ class Census:
 
 
 def census(model_config) -> Census:
-    from torch import nn
-
     import models
-    from models.moe import Experts
 
-    from .engines.expert_parallel import _is_expert_table
+    from .engines.expert_parallel import expert_modules
 
     model = models.build(model_config, device="meta")
-    expert_ids = set()
-    for module in model.modules():  # the tensors expert parallelism splits (engines/expert_parallel.shard_experts)
-        if isinstance(module, Experts) or (isinstance(module, nn.Embedding) and _is_expert_table(model, module)):
-            expert_ids.add(id(module.weight))
+    expert_ids = {id(module.weight) for module in expert_modules(model)}
     seen, params = set(), []
     for name, p in model.named_parameters():
         if id(p) not in seen:
@@ -301,13 +295,11 @@ def pipeline_stages(census_: Census, layout: Layout) -> list[Stage]:
     layers = [int(k) for k in model.model.layers]
     if layout.pp == 1:
         return [Stage(0, ["whole model"], census_.total, layers, True, True)]
-    from types import SimpleNamespace
-
     from deepspeed.runtime import utils as ds_utils
     from torch import nn
 
     from .distributed import LayoutError
-    from .engines.pipeline import PARTITION_METHODS, LayerPipe, PipelineEngine, pipeline_items
+    from .engines.pipeline import PARTITION_METHODS, LayerPipe, check_partition, pipeline_items
 
     items = pipeline_items(model, bool(model.config.tie_word_embeddings))
     pieces = [item if isinstance(item, nn.Module) else item.build() for item in items]  # TiedLayerSpec: built
@@ -323,7 +315,7 @@ def pipeline_stages(census_: Census, layout: Layout) -> list[Stage]:
         parts = ds_utils.partition_balanced(
             weights=[1 if re.search(kind, n, re.IGNORECASE) else 0 for n in names], num_parts=layout.pp)
     try:
-        PipelineEngine._check_partition(SimpleNamespace(parts=parts), items, layout.run.parallel.pipeline_partition)
+        check_partition(parts, items, layout.run.parallel.pipeline_partition)
     except LayoutError as exc:
         raise Refused(str(exc)) from None
     stages = []
@@ -796,7 +788,7 @@ def collectives(layout: Layout, census_: Census, stages: list[Stage], acts: Acti
         else:
             k = c.num_experts_per_tok
             # all-gather of the activations with their experts and weights (int32 + activation dtype per slot),
-            # reduce-scatter of the fp32 partial outputs; the backward pass the mirror of both (README's table)
+            # reduce-scatter of the fp32 partial outputs; the backward pass the mirror of both (docs/parallelism.md)
             per = 2 * (nep - 1) * tokens * c.hidden_size * (act + 4) + (nep - 1) * tokens * k * (4 + act)
             out.append((f"all-gather + reduce-scatter of CDMoE tokens ({layers} layers, forward and backward)",
                         layers * per))

@@ -41,7 +41,7 @@ def test_checkpoint_generates_in_transformers(preset, tmp_path, env):
     assert batch["attention_mask"][1, 0] == 0  # the shorter prompt is padded on the left
     short = tokenizer(prompts[1:], return_tensors="pt", add_special_tokens=False)["input_ids"]
 
-    # our CDMoE routes each token by itself; transformers' layout mixes tokens (see README): only the
+    # our CDMoE routes each token by itself; transformers' layout mixes tokens (see docs/models.md): only the
     # dense models, and the MoE's shapes and stopping, are compared with transformers here
     routed_alike = not (preset == "doge-tiny-moe")
     with torch.no_grad():

@@ -123,3 +123,22 @@ def test_pipeline_point_to_point_state_is_in_module_globals():
 def test_a_missing_name_is_a_clear_error():
     with pytest.raises(compat.LibraryChanged, match=r"torch .* has no thing \(`_gone`\).*checked against torch 2\.13"):
         compat._get(object(), "_gone", "torch", "thing")
+
+
+def test_zero3_optimizer_keeps_flat_fp32_partitions_and_their_state_views():
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    params = list(inspect.signature(DeepSpeedZeroOptimizer_Stage3._get_fp32_opt_state_partition).parameters)
+    assert params == ["self", "param", "release_swap_buffers", "optim_state_key"]
+    source = _source(DeepSpeedZeroOptimizer_Stage3)
+    assert "self.fp32_partitioned_groups_flat" in source
+    # the inner optimizer lists a partition only while it steps it: state must be created by partition
+    assert "self.optimizer.param_groups[param_group_id]['params'] = []" in source
+
+
+def test_zero3_parameters_carry_their_partition_sizes():
+    from deepspeed.runtime.zero import partition_parameters
+
+    source = _source(partition_parameters)
+    for attribute in ("param.ds_numel", "param.ds_tensor", "ds_process_group", "param.ds_shape"):
+        assert attribute in source, attribute

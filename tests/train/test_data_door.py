@@ -87,15 +87,16 @@ def test_smollm_preset_from_one_key_per_local_copy_says_each_fact_once(tmp_path,
     assert repeated["finemath"] >= 1
 
 
-def _offline_command_of_the_readme() -> tuple[list[str], dict, list[str]]:
-    """The README's offline smollm example (Data, "A local copy of smollm-corpus"), as written: its
-    `hf download` lines as (repo id, local dir) and its `python -m train` line as (environment, arguments)."""
+def _offline_command_of_the_docs() -> tuple[list[str], dict, list[str]]:
+    """The documented offline smollm example (docs/data.md, "A local copy of smollm-corpus"), as written:
+    its `hf download` lines as (repo id, local dir) and its `python -m train` line as (environment,
+    arguments)."""
     import shlex
 
     from .conftest import REPO
 
-    readme = (REPO / "README.md").read_text()
-    bullet = readme[readme.index("* **A local copy of smollm-corpus**"):]
+    page = (REPO / "docs" / "data.md").read_text()
+    bullet = page[page.index("* **A local copy of smollm-corpus**"):]
     block = bullet[bullet.index("```bash") + len("```bash"):]
     block = block[:block.index("```")].replace("\\\n", " ")
     downloads, command = [], None
@@ -111,9 +112,9 @@ def _offline_command_of_the_readme() -> tuple[list[str], dict, list[str]]:
     return downloads, *command
 
 
-def test_the_readme_offline_smollm_command_runs_offline_as_written(tmp_path, env, replicas):
-    """The README's command, word for word, with each `hf download` target replaced by a local copy of the
-    same layout (the corpus replicas here; for the tokenizer, a folder of tokenizer files) and the run
+def test_the_offline_smollm_command_of_the_docs_runs_offline_as_written(tmp_path, env, replicas):
+    """The command of docs/data.md, word for word, with each `hf download` target replaced by a local copy
+    of the same layout (the corpus replicas here; for the tokenizer, a folder of tokenizer files) and the run
     made small (steps, batch, sequence length, fp32 on a CPU). Offline: the hub is out of reach, boto3 not
     installed; a path the command reads but no `hf download` line provides stays as written and fails."""
     from data import SourceConfig, TokenizerConfig, build_tokenizer
@@ -123,12 +124,12 @@ def test_the_readme_offline_smollm_command_runs_offline_as_written(tmp_path, env
                     [SourceConfig("python-stdlib", "builtin:python-stdlib")]).save(tokenizer_dir)
     copies = {"HuggingFaceTB/smollm-corpus": replicas / "smollm-corpus", "HuggingFaceTB/finemath": replicas / "finemath",
               "SmallDoge/Doge-tokenizer": tokenizer_dir}
-    downloads, readme_env, args = _offline_command_of_the_readme()
+    downloads, command_env, args = _offline_command_of_the_docs()
     for repo, local_dir in downloads:
         args = [a.replace(local_dir, str(copies[repo])) for a in args]
     out = tmp_path / "run"
     small = [*FAST, "trainer.max_steps=2", "trainer.precision=fp32", f"trainer.output_dir={out}"]
-    proc = run_train([*args, *small], {**env, **readme_env, "HF_HUB_OFFLINE": "1"}, check=False)
+    proc = run_train([*args, *small], {**env, **command_env, "HF_HUB_OFFLINE": "1"}, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(losses(out)) == [1, 2]
     assert set(_tokens_per_source(proc.stderr)) == {"fineweb-edu", "cosmopedia-v2", "finemath"}

@@ -41,6 +41,7 @@ RESUMED_UNDER = {
     "ep2xdp2-ddp": (["parallel=ddp", "parallel.expert_parallel=4"], 4),
     "ep2xdp2-zero2": (["parallel=zero2"], 4),
     "ep4-ddp": (["parallel=zero1", "parallel.expert_parallel=2"], 4),
+    "zero3": (["parallel=zero2"], 4),
 }
 
 

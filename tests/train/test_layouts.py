@@ -73,3 +73,21 @@ def test_two_ranks_equal_one_process(name, references, tmp_path, cache_dir):
             bound = TOLERANCE if step == 1 else TOLERANCE + one_pick_aux_bound(2 * 64, PICKS[preset], accumulation * dp)
             assert abs(records[step]["aux_loss"] - reference["aux_loss"][step]) <= bound, step
     assert records[STEPS]["loss"] < records[1]["loss"]
+
+
+def test_zero3_resumes_another_layouts_checkpoint_and_its_own_resumes_elsewhere(references, tmp_path, cache_dir):
+    """ZeRO-3 reads and writes the name-keyed optimizer state of every engine: a DDP checkpoint continues
+    under ZeRO-3, and that run's checkpoint under DDP, each equal to the uninterrupted DDP run."""
+    env = {"SMOLPRETRAIN_CACHE": str(cache_dir)}
+    common = [*COMMON, "model=doge-tiny", "trainer.save_every=1", "trainer.keep_last=0"]
+    train_in_ranks([*common, "parallel=ddp", f"trainer.output_dir={tmp_path / 'ddp'}"], 2, env=env)
+    train_in_ranks([*common, "parallel=zero3", "trainer.max_steps=2", f"trainer.output_dir={tmp_path / 'zero3'}",
+                    f"trainer.resume={tmp_path / 'ddp' / 'checkpoints' / 'step-1'}"], 2, env=env)
+    train_in_ranks([*common, "parallel=ddp", f"trainer.output_dir={tmp_path / 'back'}",
+                    f"trainer.resume={tmp_path / 'zero3' / 'checkpoints' / 'step-2'}"], 2, env=env)
+    straight = {r["step"]: r["loss"] for r in metrics(tmp_path / "ddp")}
+    resumed = {**{r["step"]: r["loss"] for r in metrics(tmp_path / "zero3")},
+               **{r["step"]: r["loss"] for r in metrics(tmp_path / "back")}}
+    assert sorted(resumed) == [2, 3]
+    for step in (2, 3):
+        assert abs(resumed[step] - straight[step]) <= TOLERANCE, (step, resumed[step], straight[step])

@@ -220,16 +220,14 @@ def test_layouts_that_cannot_work_are_refused_up_front(overrides, message):
 def test_a_partition_that_leaves_a_stage_without_a_decoder_layer_is_refused():
     """parallel.pipeline_partition=parameters (or uniform) can give a stage only the embedding or the
     head: such a stage is refused with what works instead (the check runs once DeepSpeed has cut)."""
-    from types import SimpleNamespace
-
     from train.distributed import LayoutError
-    from train.engines.pipeline import EmbedPipe, HeadPipe, LayerPipe, NormPipe, PipelineEngine
+    from train.engines.pipeline import EmbedPipe, HeadPipe, LayerPipe, NormPipe, check_partition
 
     items = [object.__new__(cls) for cls in (EmbedPipe, LayerPipe, LayerPipe, NormPipe, HeadPipe)]
-    PipelineEngine._check_partition(SimpleNamespace(parts=[0, 2, 5]), items, "layers")  # a layer on each stage
+    check_partition([0, 2, 5], items, "layers")  # a layer on each stage
     with pytest.raises(LayoutError, match=r"pipeline_partition=parameters leaves pipeline stage 0 without a decoder "
                                           r"layer \(it holds \['EmbedPipe'\]\); use parallel.pipeline_partition=layers"):
-        PipelineEngine._check_partition(SimpleNamespace(parts=[0, 1, 5]), items, "parameters")
+        check_partition([0, 1, 5], items, "parameters")
 
 
 def test_refusals_through_the_door_write_nothing(tmp_path, env):

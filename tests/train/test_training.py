@@ -225,7 +225,7 @@ def test_a_signal_while_setting_up_stops_the_run_and_writes_nothing(tmp_path, en
 def test_deepspeed_in_one_process_without_a_launcher(tmp_path, env):
     run_train([f"trainer.output_dir={tmp_path}", *FAST, "trainer.max_steps=2", "parallel=zero2"], env)
     assert sorted(losses(tmp_path)) == [1, 2]
-    # ZeRO-2 writes the name-keyed optimizer state of every engine (ZeRO-3 keeps DeepSpeed's own files)
+    # ZeRO writes the name-keyed optimizer state of every engine
     assert (tmp_path / "checkpoints" / "step-2" / "trainer_state" / "optimizer" / "index.json").is_file()
 
 

@@ -183,6 +183,42 @@ def zero_link_fragments(optimizer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# ZeRO-3: each parameter's partition of the flat fp32 state
+
+
+def zero3_partition(optimizer, param) -> tuple[int, int] | None:
+    """(start, numel) of this rank's partition of `param`, flattened (the last rank's partition is padded
+    past the parameter's end: numel counts the real elements only); None without one."""
+    partition = getattr(param, "ds_tensor", None)
+    if partition is None or not param.requires_grad:
+        return None
+    import torch.distributed as dist
+
+    # the group a parameter is partitioned over (as DeepSpeed's _get_param_partition_group finds it)
+    group = getattr(param, "ds_process_group", None) or _get(optimizer, "dp_process_group", "deepspeed",
+                                                               "ZeRO-3 partition group")
+
+    size = int(_get(partition, "ds_numel", "deepspeed", "ZeRO-3 partition size"))
+    start = dist.get_rank(group=group) * size if dist.is_initialized() else 0
+    numel = max(0, min(size, int(_get(param, "ds_numel", "deepspeed", "ZeRO-3 parameter size")) - start))
+    return (start, numel) if numel else None
+
+
+def zero3_flat_partitions(optimizer) -> list[torch.Tensor]:
+    """The flat fp32 partitions whose state the inner optimizer keeps (its parameter groups list them only
+    while it steps one)."""
+    return list(_get(optimizer, "fp32_partitioned_groups_flat", "deepspeed", "ZeRO-3 fp32 partitions"))
+
+
+def zero3_state_view(optimizer, param, key: str | None) -> torch.Tensor:
+    """A live view of this rank's partition of `param`'s fp32 master weights (key None) or optimizer state
+    (`key`), wherever it lives (on the CPU when offloaded; DeepSpeed's public getter copies to the device)."""
+    view, _ = _get(optimizer, "_get_fp32_opt_state_partition", "deepspeed", "ZeRO-3 state partition")(
+        param, release_swap_buffers=False, optim_state_key=key)
+    return view
+
+
+# ---------------------------------------------------------------------------------------------------
 # DeepSpeed's pipeline engine
 
 

@@ -21,7 +21,7 @@ from .torch_engine import gather_module_weights, module_holdings
 
 logger = logging.getLogger(__name__)
 
-NATIVE_DIR = "deepspeed"  # DeepSpeed's own checkpoint files (ZeRO-3)
+NATIVE_DIR = "deepspeed"  # DeepSpeed's own checkpoint files (what earlier versions of this trainer wrote)
 
 
 def deepspeed_config(parallel_cfg, trainer_cfg, optim_cfg, accumulation: int) -> dict:
@@ -65,9 +65,9 @@ class DeepSpeedEngine(MicroBatchEngine):
     reduced over the ranks holding the same slice, in MoE parameter groups of their own (DeepSpeed's
     classic MoE machinery).
 
-    Optimizer state: the name-keyed sharded format of every engine (optimizer_state.py) for ZeRO 0-2, so
-    a ZeRO run resumes under another layout; ZeRO-3 keeps DeepSpeed's own checkpoint files (per rank, as
-    parallel), which resume under ZeRO-3 only."""
+    Optimizer state: the name-keyed sharded format of every engine (optimizer_state.py) for every ZeRO
+    stage, each rank its own fragments or partitions, so a ZeRO run resumes under another layout and
+    another layout's checkpoint under ZeRO."""
 
     def __init__(self, model: nn.Module, optim_cfg, ds_config: dict, topology: Topology, sharding=None):
         deepspeed = compat.import_deepspeed(topology.device, topology.world_size)
@@ -149,6 +149,8 @@ class DeepSpeedEngine(MicroBatchEngine):
         return list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if n in persistent]
 
     def optimizer_chunks(self, step: float | None = None) -> list[optimizer_state.StateChunk]:
+        if self.stage == 3:
+            return optimizer_state.zero3_chunks(self.optimizer, self.named_parameters(), step)
         if compat.is_zero_partitioned(self.optimizer):
             return optimizer_state.zero_chunks(self.optimizer, self.named_parameters(), self.sharding, step)
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -164,23 +166,12 @@ class DeepSpeedEngine(MicroBatchEngine):
         self.engine.destroy()
 
     def save(self, directory: Path) -> None:
-        if self.stage == 3:
-            self.engine.save_checkpoint(str(directory / NATIVE_DIR), tag="state", save_latest=False)
-            return
         optimizer_state.save(directory, self.optimizer_chunks(), self._step_count(), self.topology)
 
     def load(self, directory: Path) -> None:
-        native = (directory / NATIVE_DIR).is_dir()
-        if self.stage == 3:
-            if not native:
-                raise RuntimeError(
-                    f"{directory.parent}: ZeRO-3 resumes only from ZeRO-3 checkpoints (DeepSpeed's own files); this one "
-                    f"was written under another layout. Resume it with parallel=zero2 (or its own layout), or start "
-                    f"from its weights with +model.init_from={directory.parent}")
-            self._load_native(directory)
-            return
-        if native and not optimizer_state.has_state(directory):
-            # written by an earlier version of this trainer (DeepSpeed's own files for ZeRO 0-2)
+        if (directory / NATIVE_DIR).is_dir() and not optimizer_state.has_state(directory):
+            # written by an earlier version of this trainer (DeepSpeed's own files), which only the same
+            # layout reads
             if self.sharding.ep_size > 1:
                 raise RuntimeError(
                     f"{directory.parent}: its optimizer state is DeepSpeed's own, written without expert parallelism; "

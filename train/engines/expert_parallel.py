@@ -177,7 +177,7 @@ class ShardedRankOneExperts(RankOneExperts):
 
     def forward(self, h, experts, weights, down, up):
         h_all = _GatherRows.apply(h, self.group, self.ep_size)
-        # ids as int32 and weights in the activations' dtype: 6 bytes a slot under bf16 (README's table)
+        # ids as int32 and weights in the activations' dtype: 6 bytes a slot under bf16 (docs/parallelism.md's table)
         experts_all = _GatherRows.apply(experts.to(torch.int32), self.group, self.ep_size).long()
         weights_all = _GatherRows.apply(weights.to(h.dtype), self.group, self.ep_size)
         local = experts_all - self.first
@@ -330,6 +330,13 @@ def mark_for_deepspeed(model: nn.Module, sharding: ExpertSharding) -> str:
     model.add_module("deepspeed_expert_parallel", compat.expert_parallel_marker(max(sharding.full_rows.values()),
                                                                                 sharding.ep_size, group_name))
     return group_name
+
+
+def expert_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose weights expert parallelism splits by rows: JetMoE's Experts, CDMoE's expert
+    tables (`shard_experts` splits these; the planner counts them)."""
+    return [m for m in model.modules()
+            if isinstance(m, Experts) or (isinstance(m, nn.Embedding) and _is_expert_table(model, m))]
 
 
 def _is_expert_table(model: nn.Module, embedding: nn.Embedding) -> bool:

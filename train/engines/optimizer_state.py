@@ -255,16 +255,7 @@ def zero_chunks(optimizer, named_parameters, sharding, step: float | None = None
     """DeepSpeed ZeRO-1/2 (and its bf16 optimizer): this rank's fragments of the flat fp32 partitions.
     DeepSpeed creates no state before the first step and links its per-parameter views lazily: missing
     state is created (zeros at `step`, or 0 for a save before any step) and the views linked again."""
-    inner = optimizer.optimizer
-    count = step if step is not None else zero_step(optimizer)
-    for group in inner.param_groups:
-        for flat in group["params"]:
-            state = inner.state[flat]
-            if not state:
-                state.update(step=_new_step(count, flat, group), exp_avg=torch.zeros_like(flat),
-                             exp_avg_sq=torch.zeros_like(flat))
-            elif step is not None and torch.is_tensor(state.get("step")):
-                state["step"].fill_(float(step))
+    _create_flat_state(optimizer, step)
     compat.zero_link_fragments(optimizer)
     chunks = []
     for name, param in named_parameters:
@@ -276,6 +267,40 @@ def zero_chunks(optimizer, named_parameters, sharding, step: float | None = None
             tensors["fp32_param"] = fragment.view(None)
         start = sharding.flat_offset(name, param) + fragment.start
         chunks.append(StateChunk(name, sharding.full_shape(name, param), start, start + fragment.numel, tensors, holder))
+    return chunks
+
+
+def _create_flat_state(optimizer, step: float | None, flats=None) -> None:
+    """DeepSpeed's ZeRO optimizers create no state before their first step: zeros at `step` (or 0, for a
+    save before any step) for every flat fp32 partition (`flats`, default: those in the inner AdamW's
+    parameter groups), where the inner AdamW keeps it."""
+    inner = optimizer.optimizer
+    count = step if step is not None else zero_step(optimizer)
+    listed = [(group, flat) for group in inner.param_groups for flat in group["params"]] if flats is None else \
+        [(inner.param_groups[0], flat) for flat in flats]  # ZeRO-3: one AdamW setting (fused or not) for all
+    for group, flat in listed:
+        state = inner.state[flat]
+        if not state:
+            state.update(step=_new_step(count, flat, group), exp_avg=torch.zeros_like(flat),
+                         exp_avg_sq=torch.zeros_like(flat))
+        elif step is not None and torch.is_tensor(state.get("step")):
+            state["step"].fill_(float(step))
+
+
+def zero3_chunks(optimizer, named_parameters, step: float | None = None) -> list[StateChunk]:
+    """DeepSpeed ZeRO-3: this rank's partition of every parameter's flat fp32 state (the parameters are
+    partitioned alike: rank r holds elements [r·P, (r+1)·P) of each flattened parameter)."""
+    _create_flat_state(optimizer, step, compat.zero3_flat_partitions(optimizer))
+    chunks = []
+    for name, param in named_parameters:
+        partition = compat.zero3_partition(optimizer, param)
+        if partition is None:
+            continue
+        start, numel = partition
+        tensors = {k: compat.zero3_state_view(optimizer, param, k)[:numel] for k in STATE_KEYS}
+        if param.dtype != torch.float32:
+            tensors["fp32_param"] = compat.zero3_state_view(optimizer, param, None)[:numel]
+        chunks.append(StateChunk(name, tuple(param.ds_shape), start, start + numel, tensors))
     return chunks
 
 

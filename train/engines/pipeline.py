@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import copy
 import logging
 import math
 import time
@@ -144,6 +145,27 @@ def pipeline_items(model, tied: bool) -> list:
     return [first, *layers, NormPipe(model.model.norm), last]
 
 
+def _without_layers(model: nn.Module) -> nn.Module:
+    """`model` sharing every module but its decoder layers, which it has none of."""
+    head, inner = copy.copy(model), copy.copy(model.model)
+    head._modules, inner._modules = dict(model._modules), dict(model.model._modules)
+    inner._modules["layers"] = nn.ModuleDict()
+    head._modules["model"] = inner
+    return head
+
+
+def check_partition(parts: list[int], items, method: str) -> None:
+    """Refuse a cut (DeepSpeed's `parts`: stage s holds items[parts[s]:parts[s+1]]) that leaves a stage
+    without a decoder layer, with what works instead (the planner checks its layouts with this too)."""
+    names = [type(i).__name__ if isinstance(i, nn.Module) else f"Tied{i.typename.__name__}" for i in items]
+    for stage in range(len(parts) - 1):
+        if "LayerPipe" not in names[parts[stage]:parts[stage + 1]]:
+            raise LayoutError(
+                f"parallel.pipeline_partition={method} leaves pipeline stage {stage} without a decoder layer (it "
+                f"holds {names[parts[stage]:parts[stage + 1]] or 'nothing'}); use parallel.pipeline_partition=layers, "
+                f"or fewer stages")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The objective on the last stage
 
@@ -201,16 +223,16 @@ class PipelineEngine:
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
             pipe = PipelineModule(layers=items, num_stages=p.pipeline_stages, loss_fn=None,
                                   partition_method=PARTITION_METHODS[p.pipeline_partition])
-        self._check_partition(pipe, items, p.pipeline_partition)
+        check_partition(pipe.parts, items, p.pipeline_partition)
         # The stage now holds its own items; drop this process's references to the others (they were
         # built on every rank from one full model, so that every layout starts from the same weights).
         compat.pipeline_keep_own_specs(pipe, lambda spec: not isinstance(spec, PipeItem) or spec in pipe.forward_funcs)
         self.items = [m for m in [*pipe.forward_funcs, *pipe.tied_modules.values()] if isinstance(m, PipeItem)]
         # The head model: the CausalLM minus its layers, whose lm_head (or tied embedding) and norm are the
-        # last stage's items; the objective runs its `output`.
-        model.model.layers = nn.ModuleDict()
-        self.module = model
-        self.objective = PipelineObjective(model)
+        # last stage's items; the objective runs its `output`. A shallow copy: the caller's model stays whole
+        # (the builder lets go of it, so the other stages' layers are freed).
+        self.module = _without_layers(model)
+        self.objective = PipelineObjective(self.module)
         pipe.loss_fn = self.objective
         self._named = self._hf_named_parameters()
         optimizer = build_optimizer(self._named, run.optim, topology.device.type)
@@ -227,17 +249,6 @@ class PipelineEngine:
         self._log_stages()
 
     # ------------------------------------------------------------------ construction helpers
-    @staticmethod
-    def _check_partition(pipe, items, method: str) -> None:
-        parts = pipe.parts
-        names = [type(i).__name__ if isinstance(i, nn.Module) else f"Tied{i.typename.__name__}" for i in items]
-        for stage in range(len(parts) - 1):
-            if "LayerPipe" not in names[parts[stage]:parts[stage + 1]]:
-                raise LayoutError(
-                    f"parallel.pipeline_partition={method} leaves pipeline stage {stage} without a decoder layer (it "
-                    f"holds {names[parts[stage]:parts[stage + 1]] or 'nothing'}); use parallel.pipeline_partition=layers, "
-                    f"or fewer stages")
-
     def _hf_named_parameters(self) -> list:
         seen, out = set(), []
         for item in self.items:
