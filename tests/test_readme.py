@@ -33,7 +33,6 @@ import re
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,17 +138,25 @@ def check_train_arguments(arguments: list[str]) -> None:
     flags = [a for a in arguments if a.startswith("-")]
     assert set(flags) <= {"--multirun", "-m"}, f"a flag this test does not check: {flags}"
     overrides = with_list_indices_as_keys([a for a in arguments if a not in flags])
-    problem = check_overrides(overrides)
-    assert problem is None, problem
-    validate(compose(_first_point(overrides) if flags else overrides))
+    if flags:  # a sweep: every value checked, then its first point composed (compose checks that again)
+        problem = check_overrides(overrides)
+        assert problem is None, problem
+        overrides = _first_point(overrides)
+    validate(compose(overrides))
 
 
-TRAINING = [c for c in ALL_COMMANDS if is_training(c)]
+def _distinct_training_commands() -> list[tuple[Command, ...]]:
+    """The training commands, those with the same words together (the README repeats what docs/ shows)."""
+    together: dict[tuple[str, ...], list[Command]] = {}
+    for command in ALL_COMMANDS:
+        if is_training(command):
+            together.setdefault(command.words, []).append(command)
+    return [tuple(commands) for commands in together.values()]
 
 
-@pytest.mark.parametrize("command", TRAINING, ids=str)
-def test_every_training_command_is_accepted(command):
-    check_train_arguments(train_arguments(command))
+@pytest.mark.parametrize("commands", _distinct_training_commands(), ids=lambda commands: str(commands[0]))
+def test_every_training_command_is_accepted(commands):
+    check_train_arguments(train_arguments(commands[0]))
 
 
 def _makefile_targets() -> set[str]:
@@ -191,21 +198,37 @@ def test_modules_named_in_the_text_exist():
     assert {(page, m) for page, m in named if importlib.util.find_spec(m) is None} == set()
 
 
+# Runs each module as `python -m <module> --help` does (runpy, as __main__, with that argv), all in one
+# interpreter: one start and one import of torch instead of one per module.
+_HELP_OF_EACH = """
+import contextlib, io, json, runpy, sys
+results = {}
+for module in sys.argv[1:]:
+    out, status = io.StringIO(), 0
+    sys.argv = [module, "--help"]
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    results[module] = [status, out.getvalue()]
+print(json.dumps(results))
+"""
+
+
 @pytest.mark.door
 def test_every_module_a_command_runs_answers_help():
-    """One `python -m <module> --help` per module the commands run, two at a time."""
+    """`python -m <module> --help` exits 0 and prints its usage, for every module a command runs."""
+    import json
+
     modules = sorted({c.words[2] for c in ALL_COMMANDS if c.words[:2] == ("python", "-m")})
+    assert {"train", "train.plot", "train.plan", "data.pretokenize"} <= set(modules)  # the parsing found them
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
-
-    def help_of(module):
-        return subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=120)
-
-    with ThreadPoolExecutor(2) as pool:
-        results = dict(zip(modules, pool.map(help_of, modules)))
-    failed = {m: (p.returncode, p.stderr[-500:]) for m, p in results.items() if p.returncode != 0 or not p.stdout}
-    assert failed == {}
-    assert {"train", "train.plot", "train.plan"} <= set(modules)  # the parsing found the commands
+    proc = subprocess.run([sys.executable, "-c", _HELP_OF_EACH, *modules], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.splitlines()[-1])
+    assert {m: status for m, (status, usage) in results.items() if status != 0 or not usage.strip()} == {}
 
 
 def test_paths_named_in_the_text_exist():

@@ -107,7 +107,7 @@ def run_with_rank_peaks(cmd: list[str], env: dict, cwd) -> tuple[subprocess.Comp
                     peak = _high_water_mark(p)
                 except (psutil.Error, OSError, ValueError):
                     continue
-                if p.pid == proc.pid and ranks[p.pid] == 0 and "RANK" not in env:
+                if p.pid == proc.pid and ranks[p.pid] == 0 and "RANK" not in (os.environ if env is None else env):
                     root_peak = max(root_peak, peak)  # rank 0 only if it is not a launcher (below)
                 elif ranks[p.pid] >= 0:
                     peaks[ranks[p.pid]] = max(peaks.get(ranks[p.pid], 0), peak)

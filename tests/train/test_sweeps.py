@@ -113,7 +113,7 @@ def assert_refused_points_are_summarised(sweep_dir: Path) -> None:
     """The grid extended by optim.lr=-1e-3: summary.md lists all 6 points, the refused ones with the
     reason, in the order of their values (-0.001 first); the plots mark them."""
     from train import plot
-    from train.sweep import last_events
+    from train.ledger import last_events
 
     text = (sweep_dir / "summary.md").read_text()
     assert "6 points (4 finished, 2 refused)" in text

@@ -47,7 +47,7 @@ def build_engine(run, model: nn.Module, topology: Topology, accumulation: int) -
         use_cores_for_offloaded_optimizer(topology.device, run.parallel.offload_optimizer)
 
         ds_config = deepspeed_config(run.parallel, run.trainer, run.optim, accumulation)
-        return DeepSpeedEngine(model.to(topology.device), run.optim, ds_config, topology, sharding)
+        return DeepSpeedEngine(model, run.optim, ds_config, topology, sharding)
     from .torch_engine import TorchEngine
 
     return TorchEngine(model, run.optim, run.trainer.precision, topology, sharding)

@@ -60,6 +60,27 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _partition_onto(model: nn.Module, device: torch.device, ds_config: dict) -> None:
+    """ZeRO-3: the host model's parameters partitioned onto the device one at a time (DeepSpeed's zero.Init
+    converting an existing module), instead of the whole model moved there first (deepspeed.initialize
+    would: the full fp32 model on every GPU before partitioning, which defeats zero3-offload for a model
+    that only fits partitioned). A bf16 run's parameters are cast on the host first (DeepSpeed checks a
+    partitioned model's dtype instead of casting it); buffers (rotary tables) keep theirs and are moved."""
+    import deepspeed
+
+    if ds_config["bf16"]["enabled"]:
+        for param in model.parameters():
+            param.data = param.data.to(torch.bfloat16)
+    # deepspeed.comm must wrap our process group first: zero.Init reads the world size from it, and
+    # without it takes a world of 1 and refuses the batch arithmetic
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+
+
 class DeepSpeedEngine(MicroBatchEngine):
     """With expert parallelism (`sharding`, ZeRO 0-2) the expert slices are DeepSpeed MoE parameters:
     reduced over the ranks holding the same slice, in MoE parameter groups of their own (DeepSpeed's
@@ -79,10 +100,14 @@ class DeepSpeedEngine(MicroBatchEngine):
             from .expert_parallel import mark_for_deepspeed
 
             mark_for_deepspeed(model, sharding)
+        self.stage = ds_config["zero_optimization"]["stage"]
+        if self.stage == 3:
+            _partition_onto(model, topology.device, ds_config)
+        else:
+            model.to(topology.device)
         optimizer = build_optimizer(model, optim_cfg, topology.device.type, moe_groups=sharding is not None)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine
-        self.stage = ds_config["zero_optimization"]["stage"]
         self._bad = False
         logger.info("deepspeed config: %s", json.dumps(ds_config))
         if ds_config["bf16"]["enabled"] and "data_types" not in ds_config:
