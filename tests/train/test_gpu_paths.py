@@ -182,3 +182,47 @@ def test_an_offloaded_optimizer_steps_on_the_ranks_share_of_the_cores(monkeypatc
     assert use_cores_for_offloaded_optimizer(cuda, True) == 16 and threads == [16]
     threads[0] = 24  # OMP_NUM_THREADS asked for more: left alone
     assert use_cores_for_offloaded_optimizer(cuda, True) is None and threads == [24]
+
+
+def largest_parameter_move(overrides: list[str]) -> dict:
+    """One rank of a run: the most parameter elements any one `Module.to(device)` carried, and the
+    model's parameter count (a module's parameters partitioned by ZeRO-3 hold none of their elements)."""
+    import train.builders
+    from tests.ranks import train_ranks
+
+    moved, parameters = [0], [0]
+    to, build_engine = torch.nn.Module.to, train.builders.build_engine
+
+    def counting_build_engine(run, model, *args):
+        parameters[0] = model.num_parameters()
+        return build_engine(run, model, *args)
+
+    def recording_to(module, *args, **kwargs):
+        if "device" in kwargs or any(isinstance(a, (str, torch.device)) for a in args):
+            moved[0] = max(moved[0], sum(p.data.numel() for p in module.parameters()))
+        return to(module, *args, **kwargs)
+
+    torch.nn.Module.to, train.builders.build_engine = recording_to, counting_build_engine
+    try:
+        train_ranks(overrides)
+    finally:
+        torch.nn.Module.to, train.builders.build_engine = to, build_engine
+    return {"moved": moved[0], "parameters": parameters[0]}
+
+
+def test_zero3_never_puts_the_whole_model_on_the_device(tmp_path, cache_dir):
+    """ZeRO-3 exists for models that fit only partitioned: the full model must not go onto each GPU first
+    (`model.to(device)` before DeepSpeed partitions it, which also defeats zero3-offload). On a CPU the
+    device is the host, so the guard watches the moves themselves: none may carry more than a rank's
+    share of the parameters plus the largest single tensor (zero.Init moves one parameter at a time)."""
+    from tests.ranks import run_distributed
+
+    from .conftest import FAST
+
+    results = run_distributed(largest_parameter_move, 2,
+                              [*FAST, "model=doge-tiny", "parallel=zero3", "trainer.max_steps=1",
+                               "trainer.micro_batch_size=2", "trainer.eval_every=0", f"trainer.output_dir={tmp_path}"],
+                              env={"SMOLPRETRAIN_CACHE": str(cache_dir)})
+    for result in results:
+        moved, parameters = result["value"]["moved"], result["value"]["parameters"]
+        assert moved < parameters / 2, (moved, parameters)
