@@ -142,3 +142,19 @@ def test_zero3_parameters_carry_their_partition_sizes():
     source = _source(partition_parameters)
     for attribute in ("param.ds_numel", "param.ds_tensor", "ds_process_group", "param.ds_shape"):
         assert attribute in source, attribute
+
+
+def test_zero3_keeps_the_model_on_a_module_level_stack_that_release_empties():
+    from deepspeed.runtime.zero import parameter_offload
+
+    assert "FWD_MODULE_STACK.append(self.module)" in _source(parameter_offload.DeepSpeedZeRoOffload.setup_zero_stage3_hooks)
+    model, other = torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Linear(2, 2)
+    parameter_offload.FWD_MODULE_STACK.extend([other, model, model[0]])
+    compat.zero3_release_module(model)
+    assert parameter_offload.FWD_MODULE_STACK[-1:] == [other]
+    parameter_offload.FWD_MODULE_STACK.remove(other)
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    cached = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+    cached = next(c.cell_contents for c in cached.__closure__ if hasattr(c.cell_contents, "cache_clear"))
+    assert cached.cache_info().currsize == 0  # the NVTX wrapper's function: an lru_cache, and cleared

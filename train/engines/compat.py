@@ -21,6 +21,8 @@ one, at the moment it is first needed, instead of an AttributeError deep inside 
     PipelineEngine._INSTRUCTION_MAP                          timing and the non-finite check per instruction
     PipelineModule._layer_specs                             dropping the other stages' pieces
     deepspeed.runtime.pipe.p2p._grid, _groups               releasing the pipeline's process groups at the end
+    deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK, PartitionedParameterCoordinator.
+        __params_to_release (its lru_cache)                 releasing a ZeRO-3 model (and its groups) at the end
 """
 
 from __future__ import annotations
@@ -250,3 +252,24 @@ def pipeline_release_groups() -> None:
     for name in ("_grid", "_groups"):
         _get(p2p, name, "deepspeed", "pipeline point-to-point state")
         setattr(p2p, name, None)
+
+
+def zero3_release_module(module: torch.nn.Module) -> None:
+    """DeepSpeed's ZeRO-3 pushes the model onto a module-level stack (`parameter_offload.FWD_MODULE_STACK`)
+    when it sets up and never pops it, not even in `engine.destroy()`: the model, its partitioned
+    parameters and, through them, the process groups they gather over would outlive the run, and a
+    group that ends during interpreter shutdown aborts the process (distributed.teardown). The same holds
+    for the parameter coordinator's `__params_to_release`, an `lru_cache` on the class, whose keys are
+    coordinators and submodules of every ZeRO-3 model the process has run: it is cleared (it only saves
+    recomputing a set of parameter ids)."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    stack = _get(parameter_offload, "FWD_MODULE_STACK", "deepspeed", "ZeRO-3 forward module stack")
+    stack[:] = [m for m in stack if not any(m is own for own in module.modules())]
+    cached = _get(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", "deepspeed",
+                  "ZeRO-3 coordinator's release cache")
+    if not hasattr(cached, "cache_clear"):  # under DeepSpeed's NVTX wrapper, which keeps it in its closure
+        cached = next((c.cell_contents for c in cached.__closure__ or () if hasattr(c.cell_contents, "cache_clear")),
+                      cached)
+    _get(cached, "cache_clear", "deepspeed", "ZeRO-3 coordinator's release cache (an lru_cache)")()

@@ -189,6 +189,8 @@ class DeepSpeedEngine(MicroBatchEngine):
         # optimizer: a cycle through C++ that the garbage collector cannot see, so the engine and its
         # process groups would live until the process exits. destroy() removes the hooks.
         self.engine.destroy()
+        if self.stage == 3:
+            compat.zero3_release_module(self.engine.module)
 
     def save(self, directory: Path) -> None:
         optimizer_state.save(directory, self.optimizer_chunks(), self._step_count(), self.topology)
