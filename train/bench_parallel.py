@@ -79,15 +79,16 @@ def run(layout: str, args, out: Path) -> dict:
     return result
 
 
-def run_with_rank_peaks(cmd: list[str], env: dict, cwd) -> tuple[subprocess.CompletedProcess, dict[int, int]]:
+def run_with_rank_peaks(cmd: list[str], env: dict | None, cwd) -> tuple[subprocess.CompletedProcess, dict[int, int]]:
     """Run `cmd` and follow the peak resident memory of each of its ranks (processes told apart by their
     RANK environment variable; a plain process without a launcher is rank 0): (the finished process,
     {rank: peak bytes}). The peak is the kernel's high-water mark of each process (VmHWM), read 20 times
     a second, so a spike between two readings still counts; where /proc has none, the sampled RSS. A
     rank's own children (a compiler DeepSpeed runs, data workers) inherit RANK: its figure is the
-    largest of its processes."""
+    largest of its processes. `env` None: this process's environment."""
     import psutil
 
+    env = dict(os.environ) if env is None else env
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
         peaks, ranks, root_peak = {}, {}, 0
@@ -107,9 +108,9 @@ def run_with_rank_peaks(cmd: list[str], env: dict, cwd) -> tuple[subprocess.Comp
                     peak = _high_water_mark(p)
                 except (psutil.Error, OSError, ValueError):
                     continue
-                if p.pid == proc.pid and ranks[p.pid] == 0 and "RANK" not in (os.environ if env is None else env):
+                if p.pid == proc.pid and ranks[p.pid] == 0 and "RANK" not in env:
                     root_peak = max(root_peak, peak)  # rank 0 only if it is not a launcher (below)
-                elif ranks[p.pid] >= 0:
+                else:
                     peaks[ranks[p.pid]] = max(peaks.get(ranks[p.pid], 0), peak)
             time.sleep(0.05)
         if not peaks and root_peak:  # no process said RANK: the root process was the run itself

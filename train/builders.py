@@ -127,15 +127,15 @@ def claim_output_dir(run: RunConfig, output_dir: Path, resume_from: Path | None,
     together: nothing is written before every rank has looked."""
     t = run.trainer
     problem, overwrite = None, None
-    earlier = _earlier_run(output_dir)
-    if is_unset(t.resume) and earlier is not None:
-        if t.overwrite_output_dir:
+    if is_unset(t.resume):
+        earlier = _earlier_run(output_dir)
+        if earlier is not None and t.overwrite_output_dir:
             overwrite = earlier
-        else:
+        elif earlier is not None:
             problem = (f"trainer.output_dir={output_dir} holds another run ({earlier}). Continue it with "
                        f"trainer.resume=auto, choose another trainer.output_dir, or set "
                        f"trainer.overwrite_output_dir=true to remove that run's files and start afresh")
-    elif not is_unset(t.resume):
+    else:
         saved = checkpoint.read_state(resume_from) if resume_from is not None else None
         run_id, start = (saved.get("run_id"), saved.get("step", 0)) if saved else (None, 0)
         schedule, _ = schedule_for(run, saved or {"step": 0}, resume_from is not None)

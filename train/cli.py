@@ -275,10 +275,8 @@ def _refuse(message: str, status: int = EXIT_REFUSED):
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        deadline = time.monotonic() + (_WAIT_FOR_RANK_0 if status == EXIT_REFUSED else 0)
-        while time.monotonic() < deadline:
-            time.sleep(0.1)
         if status == EXIT_REFUSED:
+            time.sleep(_WAIT_FOR_RANK_0)
             print(f"error: (rank {rank}) {message}", file=sys.stderr)
         raise SystemExit(status)
     print(f"error: {message}", file=sys.stderr)

@@ -20,6 +20,7 @@ saying what and why. Exit status 0 when every check passed, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -143,19 +144,11 @@ class DeviceMemory:
 def run_training(overrides: list[str], nproc: int, output_dir: Path, cuda: bool) -> Run:
     cmd = [sys.executable, "-m", "train.launch", "torchrun", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "train", *overrides, f"trainer.output_dir={output_dir}"]
-    with DeviceMemory() if cuda else _Nothing() as device:
+    with DeviceMemory() if cuda else contextlib.nullcontext() as device:
         proc, host_peaks = run_with_rank_peaks(cmd, None, REPO)
     metrics = output_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.is_file() else []
     return Run(proc.returncode == 0, proc.stderr, records, host_peaks, getattr(device, "peaks", {}))
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
 
 
 def checks(sizes: list[str], layouts: list[str]) -> list[tuple[str, str]]:

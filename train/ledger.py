@@ -13,7 +13,6 @@ logger = logging.getLogger("train.sweep")
 
 
 LEDGER = "points.jsonl"
-OUTCOMES = ("refused", "failed", "stopped", "finished")  # the events that end a point's attempt
 
 
 def record_point(sweep_dir: Path, job: int, point_dir: Path, event: str, message: str, **fields) -> None:

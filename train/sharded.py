@@ -36,11 +36,12 @@ class Offer:
 
 
 def exchange(items: list, topology) -> list[list]:
-    """Every rank's list (a collective of small objects)."""
+    """Every rank's list (a collective of small objects, on the host group: under NCCL the objects would
+    be staged on the device, and callers wait here for each other's host work, e.g. hashing files)."""
     if topology.world_size == 1:
         return [items]
     gathered: list = [None] * topology.world_size
-    dist.all_gather_object(gathered, items)
+    dist.all_gather_object(gathered, items, group=topology.host_group)
     return gathered
 
 

@@ -164,7 +164,9 @@ def plan_point(run, point_dir: Path) -> PointPlan:
     last = newest_complete_checkpoint(point_dir)
     if last is not None and last >= target:
         return PointPlan(True, None, target, last)
-    resume = "auto" if last is not None or run.trainer.resume in (None, "", "none", "null") else run.trainer.resume
+    from .config import is_unset
+
+    resume = "auto" if last is not None or is_unset(run.trainer.resume) else run.trainer.resume
     return PointPlan(False, resume, target, last)
 
 

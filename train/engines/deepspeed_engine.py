@@ -76,9 +76,8 @@ def _partition_onto(model: nn.Module, device: torch.device, ds_config: dict) -> 
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
     for module in model.modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None:
-                module._buffers[name] = buffer.to(device)
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, buffer.to(device))  # a registered buffer stays one (persistence kept)
 
 
 class DeepSpeedEngine(MicroBatchEngine):

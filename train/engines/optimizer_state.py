@@ -207,10 +207,6 @@ def read_full(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
 # Chunks of the optimizers we drive
 
 
-def _optimizer_params(optimizer) -> set[int]:
-    return {id(p) for group in optimizer.param_groups for p in group["params"]}
-
-
 def _new_step(step: float, param: torch.Tensor, group: dict) -> torch.Tensor:
     """AdamW's step count where torch's AdamW keeps it: on the parameter's device for the fused and
     capturable kernels (they read it there), on the CPU otherwise (torch.optim.adam's _init_group)."""
