@@ -31,7 +31,7 @@ def _seed():
 # A door test runs the trainer or a launcher as a user does, in a subprocess (`python -m train`,
 # torchrun, launch/*.sh, `python -m train.plot` ...): every test that takes one of these fixtures,
 # which are the subprocess environment and the module fixtures that start such runs.
-DOOR_FIXTURES = {"env", "moe_runs", "ep_runs", "zero2_jetmoe_run", "fake_slurm", "plan_env"}
+DOOR_FIXTURES = {"env", "moe_runs", "ep_runs", "fake_slurm", "plan_env"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,5 @@
-"""Expert parallelism on 2 gloo processes through `torchrun -m train`: JetMoE (MLP and attention
+"""Expert parallelism on 2 gloo processes, through `torchrun -m train` (ep_runs, the killed run, upcycling) and
+on in-process ranks (tests/ranks.py; the ZeRO variants and the resumed runs): JetMoE (MLP and attention
 experts) and Doge CDMoE (expert tables) with their experts split over 2 ranks equal one process on the
 same global batch (losses, aux losses, final weights), with DDP, ZeRO-1 and ZeRO-2; each rank holds only
 its slice; checkpoints resume across expert-parallel sizes and after SIGKILL; upcycled checkpoints
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import models
+from tests.ranks import train_in_ranks
 from train.config import RunConfigError, validate
 
 from .conftest import FAST, compose, losses, metrics, one_process_reference, run_train, train_env
@@ -21,6 +23,10 @@ COMMON = [*FAST, f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", "sc
           "trainer.save_every=5", "trainer.keep_last=5"]
 EP = ["parallel.expert_parallel=2"]
 TOLERANCE = 2e-5
+
+
+def _env(cache_dir) -> dict:
+    return {"SMOLPRETRAIN_CACHE": str(cache_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -65,30 +71,33 @@ def test_ddp_expert_parallel_equals_one_process(preset, references, ep_runs):
 
 @pytest.fixture(scope="module")
 def zero2_jetmoe_run(cache_dir, tmp_path_factory):
-    """jetmoe-tiny at ep=2 under ZeRO-2 (reused by the resume test)."""
+    """jetmoe-tiny at ep=2 under ZeRO-2 on in-process ranks (reused by the resume test)."""
     out = tmp_path_factory.mktemp("ep-zero2") / "jetmoe-tiny"
-    run_train([*COMMON, *EP, "parallel=zero2", "model=jetmoe-tiny", f"trainer.output_dir={out}"], train_env(cache_dir),
-              nproc=2)
+    train_in_ranks([*COMMON, *EP, "parallel=zero2", "model=jetmoe-tiny", f"trainer.output_dir={out}"], 2,
+                   env=_env(cache_dir))
     return out
 
 
+@pytest.mark.slow
 def test_zero2_expert_parallel_equals_one_process(references, zero2_jetmoe_run):
     _check_against_reference(zero2_jetmoe_run, references["jetmoe-tiny"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel,preset", [("zero2", "doge-tiny-moe"), ("zero1", "jetmoe-tiny")])
-def test_zero_expert_parallel_equals_one_process(parallel, preset, references, tmp_path, env):
-    run_train([*COMMON, *EP, f"parallel={parallel}", f"model={preset}", f"trainer.output_dir={tmp_path}"], env,
-              nproc=2)
+def test_zero_expert_parallel_equals_one_process(parallel, preset, references, tmp_path, cache_dir):
+    train_in_ranks([*COMMON, *EP, f"parallel={parallel}", f"model={preset}", f"trainer.output_dir={tmp_path}"], 2,
+                   env=_env(cache_dir))
     _check_against_reference(tmp_path, references[preset])
 
 
-def test_zero2_expert_parallel_checkpoint_resumes_without_expert_parallelism(zero2_jetmoe_run, tmp_path, env):
+@pytest.mark.slow
+def test_zero2_expert_parallel_checkpoint_resumes_without_expert_parallelism(zero2_jetmoe_run, tmp_path, cache_dir):
     """DeepSpeed's ZeRO-2 partitions hold the expert slices at ep=2 and whole experts at ep=1: the
     name-keyed optimizer state carries a run across, through DeepSpeed's fragment API both ways."""
     out = tmp_path / "resumed"
-    run_train([*COMMON, "parallel=zero2", "model=jetmoe-tiny", f"trainer.output_dir={out}", "trainer.max_steps=7",
-               f"trainer.resume={zero2_jetmoe_run / 'checkpoints' / 'step-5'}"], env, nproc=2)
+    train_in_ranks([*COMMON, "parallel=zero2", "model=jetmoe-tiny", f"trainer.output_dir={out}", "trainer.max_steps=7",
+                    f"trainer.resume={zero2_jetmoe_run / 'checkpoints' / 'step-5'}"], 2, env=_env(cache_dir))
     reference, resumed = losses(zero2_jetmoe_run), losses(out)
     assert sorted(resumed) == [6, 7]
     for step in (6, 7):
@@ -108,16 +117,19 @@ def test_each_rank_holds_its_slice(preset, expert_params, ep_runs):
 
 
 @pytest.mark.parametrize("direction", ["ep2->ep1", "ep1->ep2"])
-def test_resume_across_expert_parallel_sizes(direction, ep_runs, tmp_path, env):
+def test_resume_across_expert_parallel_sizes(direction, ep_runs, tmp_path, cache_dir):
+    """The ep=2 checkpoint of the door run (ep_runs) continued without expert parallelism, and the other way;
+    the resumed runs on in-process ranks."""
     preset = "jetmoe-tiny"
     if direction == "ep2->ep1":
         source, resumed_layout = ep_runs / preset, []
     else:
         source, resumed_layout = tmp_path / "ep1", EP
-        run_train([*COMMON, f"model={preset}", f"trainer.output_dir={source}", "trainer.max_steps=7"], env, nproc=2)
+        train_in_ranks([*COMMON, f"model={preset}", f"trainer.output_dir={source}", "trainer.max_steps=7"], 2,
+                       env=_env(cache_dir))
     out = tmp_path / "resumed"
-    run_train([*COMMON, *resumed_layout, f"model={preset}", f"trainer.output_dir={out}", "trainer.max_steps=7",
-               f"trainer.resume={source / 'checkpoints' / 'step-5'}"], env, nproc=2)
+    train_in_ranks([*COMMON, *resumed_layout, f"model={preset}", f"trainer.output_dir={out}", "trainer.max_steps=7",
+                    f"trainer.resume={source / 'checkpoints' / 'step-5'}"], 2, env=_env(cache_dir))
     reference, resumed = losses(source), losses(out)
     assert sorted(resumed) == [6, 7]
     for step in (6, 7):

@@ -30,13 +30,9 @@ LAYOUTS = {
     "zero1": ("doge-tiny-moe", ["parallel=zero1"]),
     "zero2": ("doge-tiny-moe", ["parallel=zero2"]),
     "zero3": ("doge-tiny", ["parallel=zero3"]),
-    "pipeline-doge": ("doge-tiny", PIPE),
-    "pipeline-glm4": ("glm4-tiny", PIPE),
-    "pipeline-jetmoe": ("jetmoe-tiny", PIPE),
     "pipeline-doge-moe": ("doge-tiny-moe", PIPE),
     "ep-jetmoe": ("jetmoe-tiny", ["parallel=ddp", *EP]),
     "ep-doge-moe": ("doge-tiny-moe", ["parallel=ddp", *EP]),
-    "ep-zero2-jetmoe": ("jetmoe-tiny", ["parallel=zero2", *EP]),
 }
 
 
@@ -52,12 +48,9 @@ def references(tmp_path_factory, cache_dir):
     return out
 
 
-# the fast tier checks one preset per layout; the other presets' pipelines run in the full suite
-FULL_SUITE_ONLY = {"pipeline-doge", "pipeline-glm4", "pipeline-jetmoe", "ep-zero2-jetmoe"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in FULL_SUITE_ONLY else n
-                                  for n in LAYOUTS])
+# One preset per layout (the fast tier). Every architecture's pipeline: test_pipeline.py; expert
+# parallelism under ZeRO-1/2 for both MoE families: test_expert_parallel.py (both in the full suite).
+@pytest.mark.parametrize("name", LAYOUTS)
 def test_two_ranks_equal_one_process(name, references, tmp_path, cache_dir):
     preset, layout = LAYOUTS[name]
     dp = 1 if layout is PIPE else 2

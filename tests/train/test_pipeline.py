@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from tests.ranks import train_in_ranks
 from train.config import RunConfigError, validate
 
 from .conftest import (FAST, REPO, compose, losses, metrics, one_pick_aux_bound, one_process_reference, run_train,
@@ -24,6 +25,10 @@ COMMON = [*FAST, f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", "da
           "trainer.eval_every=5", "trainer.save_every=5", "scheduler.warmup=2"]
 PIPE = ["parallel=zero1", "parallel.pipeline_stages=2"]
 TOLERANCE = 2e-5
+
+
+def _env(cache_dir) -> dict:
+    return {"SMOLPRETRAIN_CACHE": str(cache_dir)}
 
 
 # doge-tiny-moe under COMMON: micro-batches of 2 x 64 tokens, 8 picks each, 4 micro-batches per step
@@ -48,7 +53,7 @@ def moe_runs(tmp_path_factory, cache_dir):
     """doge-tiny-moe (tied embeddings, router statistics across stages) in one process and in 2 stages."""
     env = train_env(cache_dir)
     root = tmp_path_factory.mktemp("pipeline-moe")
-    run_train([*COMMON, "model=doge-tiny-moe", f"trainer.output_dir={root / 'single'}"], env)
+    train_in_ranks([*COMMON, "model=doge-tiny-moe", f"trainer.output_dir={root / 'single'}"], 1, env=_env(cache_dir))
     proc = run_train([*COMMON, *PIPE, "model=doge-tiny-moe", f"trainer.output_dir={root / 'piped'}"], env, nproc=2)
     (root / "piped.stdout").write_text(proc.stdout)
     (root / "piped.stderr").write_text(proc.stderr)
@@ -108,12 +113,16 @@ def test_a_pipeline_run_says_each_stage_once_and_nothing_raw(moe_runs):
         assert raw not in out, raw
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["doge-tiny", "glm4-tiny", "jetmoe-tiny"])
-def test_every_architecture_in_two_stages_equals_one_process(preset, tmp_path, env, cache_dir):
+def test_every_architecture_in_two_stages_equals_one_process(preset, tmp_path, cache_dir):
+    """On in-process ranks (tests/ranks.py), with document masking, for 10 steps; the doors of the pipeline
+    are moe_runs and the resume and signal tests below. (test_layouts.py checks the MoE preset in the fast
+    tier.)"""
     import os
 
     overrides = [*COMMON, f"model={preset}", "trainer.eval_every=0", "trainer.save_every=0"]
-    run_train([*overrides, *PIPE, f"trainer.output_dir={tmp_path / 'piped'}"], env, nproc=2)
+    train_in_ranks([*overrides, *PIPE, f"trainer.output_dir={tmp_path / 'piped'}"], 2, env=_env(cache_dir))
     os.environ["SMOLPRETRAIN_CACHE"] = str(cache_dir)
     reference = one_process_reference([*overrides, f"trainer.output_dir={tmp_path / 'single'}"], 1, STEPS)
     records = {r["step"]: r for r in metrics(tmp_path / "piped")}
@@ -128,19 +137,20 @@ def test_every_architecture_in_two_stages_equals_one_process(preset, tmp_path, e
 
 
 @pytest.mark.parametrize("direction", ["2->1", "1->2", "zero1->2"])
-def test_resume_across_pipeline_layouts(direction, moe_runs, tmp_path, env):
+def test_resume_across_pipeline_layouts(direction, moe_runs, tmp_path, cache_dir):
     """Every layout writes the same name-keyed optimizer state, so a run continues under another one:
-    ZeRO-1 without stages (DeepSpeed's flat partitions) into two stages as well."""
+    ZeRO-1 without stages (DeepSpeed's flat partitions) into two stages as well. The checkpoints come from
+    the door runs (moe_runs); the resumed runs are in-process ranks."""
     source, resumed_layout = ("piped", []) if direction == "2->1" else ("single", PIPE)
     source_dir = moe_runs / source
     if direction == "zero1->2":
         source_dir = tmp_path / "zero1"
-        run_train([*COMMON, "parallel=zero1", "model=doge-tiny-moe", f"trainer.output_dir={source_dir}",
-                   "trainer.max_steps=7"], env)
+        train_in_ranks([*COMMON, "parallel=zero1", "model=doge-tiny-moe", f"trainer.output_dir={source_dir}",
+                        "trainer.max_steps=7"], 1, env=_env(cache_dir))
     out = tmp_path / "resumed"
-    run_train([*COMMON, *resumed_layout, "model=doge-tiny-moe", f"trainer.output_dir={out}", "trainer.max_steps=7",
-               f"trainer.resume={source_dir / 'checkpoints' / 'step-5'}"], env,
-              nproc=2 if resumed_layout else 1)
+    train_in_ranks([*COMMON, *resumed_layout, "model=doge-tiny-moe", f"trainer.output_dir={out}", "trainer.max_steps=7",
+                    f"trainer.resume={source_dir / 'checkpoints' / 'step-5'}"], 2 if resumed_layout else 1,
+                   env=_env(cache_dir))
     reference = losses(source_dir)
     resumed = losses(out)
     assert sorted(resumed) == [6, 7]
@@ -193,11 +203,12 @@ def test_sigterm_saves_and_stops_a_pipeline_run(tmp_path, env):
     assert f"stopped on request at step {last}" in stderr
 
 
-def test_bf16_with_activation_checkpointing_trains_in_two_stages(tmp_path, env):
+@pytest.mark.slow
+def test_bf16_with_activation_checkpointing_trains_in_two_stages(tmp_path, cache_dir):
     overrides = [*FAST, "model=doge-tiny", "trainer.max_steps=2", "trainer.micro_batch_size=4"]
-    run_train([*overrides, f"trainer.output_dir={tmp_path / 'fp32'}"], env)
-    run_train([*overrides, *PIPE, "trainer.precision=bf16", "trainer.activation_checkpointing=true",
-               f"trainer.output_dir={tmp_path / 'bf16'}"], env, nproc=2)
+    train_in_ranks([*overrides, f"trainer.output_dir={tmp_path / 'fp32'}"], 1, env=_env(cache_dir))
+    train_in_ranks([*overrides, *PIPE, "trainer.precision=bf16", "trainer.activation_checkpointing=true",
+                    f"trainer.output_dir={tmp_path / 'bf16'}"], 2, env=_env(cache_dir))
     fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
     assert sorted(bf16) == [1, 2] and all(abs(fp32[s] - bf16[s]) < 0.05 for s in (1, 2))
 
