@@ -102,16 +102,21 @@ def test_deepspeed_accumulates_bf16_gradients_in_fp32():
 
 @pytest.mark.parametrize("layout", [["parallel=zero2", "parallel.expert_parallel=2", "model=jetmoe-tiny"],
                                     ["parallel=zero1", "parallel.pipeline_stages=2", "model=doge-tiny-moe"]])
-def test_no_host_tensor_reaches_a_collective_when_saving_and_resuming(layout, tmp_path, env):
+def test_no_host_tensor_reaches_a_collective_when_saving_and_resuming(layout, tmp_path, cache_dir):
     """NCCL refuses CPU tensors; gloo (these tests) takes them. ZeRO + expert parallelism moved optimizer
     state to the CPU and then all-gathered it at its first checkpoint. Here every `.cpu()` returns a marked
-    copy (as on a GPU) and a collective handed one fails the run (tests/train/faults.py)."""
-    from .conftest import FAST, losses, run_train
+    copy (as on a GPU) and a collective handed one fails the run (tests/train/faults.py), on in-process
+    ranks."""
+    from tests.ranks import run_distributed
 
-    guarded = ["tests.train.faults", "host-tensors-in-collectives", "0"]
+    from .conftest import FAST, losses
+    from .faults import train_with_fault
+
     common = [*FAST, *layout, f"trainer.output_dir={tmp_path}", "trainer.save_every=2", "trainer.eval_every=2"]
-    run_train([*common, "trainer.max_steps=2"], env, nproc=2, module=guarded)
-    run_train([*common, "trainer.max_steps=3", "trainer.resume=auto"], env, nproc=2, module=guarded)
+    env = {"SMOLPRETRAIN_CACHE": str(cache_dir)}
+    run_distributed(train_with_fault, 2, "host-tensors-in-collectives", 0, [*common, "trainer.max_steps=2"], env=env)
+    run_distributed(train_with_fault, 2, "host-tensors-in-collectives", 0,
+                    [*common, "trainer.max_steps=3", "trainer.resume=auto"], env=env)
     assert sorted(losses(tmp_path)) == [1, 2, 3]
 
 

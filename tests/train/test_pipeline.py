@@ -170,13 +170,19 @@ def test_pipeline_resumes_exactly_after_sigkill(moe_runs, tmp_path, env):
         assert abs(straight[step] - resumed[step]) <= 1e-6, step
 
 
-def test_non_finite_steps_are_neutralised_then_stop_the_run(tmp_path, env):
+def test_non_finite_steps_are_neutralised_then_stop_the_run(tmp_path, cache_dir):
+    from tests.ranks import run_distributed
+
+    from .faults import train_with_fault
+
     out = tmp_path / "nan"
     # 4 micro-batches per step: cross-entropies after the 12th (steps 4+) are NaN
-    proc = run_train([*COMMON, *PIPE, "model=doge-tiny", f"trainer.output_dir={out}", "trainer.eval_every=0",
-                      "trainer.save_every=2", "trainer.max_bad_steps=2", "trainer.max_steps=20"], env, nproc=2,
-                     check=False, module=["tests.train.faults", "nan-after", "12"])
-    assert "2 non-finite steps in a row (last at step 5)" in proc.stderr
+    results = run_distributed(train_with_fault, 2, "nan-after", 12,
+                              [*COMMON, *PIPE, "model=doge-tiny", f"trainer.output_dir={out}", "trainer.eval_every=0",
+                               "trainer.save_every=2", "trainer.max_bad_steps=2", "trainer.max_steps=20"],
+                              env=_env(cache_dir), check=False)
+    assert not any(r["ok"] for r in results)
+    assert "2 non-finite steps in a row (last at step 5)" in results[0]["value"] + results[0]["log"], results[0]
     records = {r["step"]: r for r in metrics(out)}
     assert [records[s]["skipped_steps"] for s in (3, 4, 5)] == [0, 1, 2]
     import models
