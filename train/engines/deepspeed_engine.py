@@ -175,13 +175,7 @@ class DeepSpeedEngine(MicroBatchEngine):
     def optimizer_chunks(self, step: float | None = None) -> list[optimizer_state.StateChunk]:
         if self.stage == 3:
             return optimizer_state.zero3_chunks(self.optimizer, self.named_parameters(), step)
-        if compat.is_zero_partitioned(self.optimizer):
-            return optimizer_state.zero_chunks(self.optimizer, self.named_parameters(), self.sharding, step)
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        return optimizer_state.torch_chunks(inner, self.named_parameters(), self.sharding, step)
-
-    def _step_count(self) -> float:
-        return optimizer_state.torch_step(getattr(self.optimizer, "optimizer", self.optimizer))
+        return optimizer_state.deepspeed_chunks(self.optimizer, self.named_parameters(), self.sharding, step)
 
     def close(self) -> None:
         # DeepSpeed's optimizer hooks every parameter's gradient accumulation, closures that hold the
@@ -192,7 +186,8 @@ class DeepSpeedEngine(MicroBatchEngine):
             compat.zero3_release_module(self.engine.module)
 
     def save(self, directory: Path) -> None:
-        optimizer_state.save(directory, self.optimizer_chunks(), self._step_count(), self.topology)
+        optimizer_state.save(directory, self.optimizer_chunks(), optimizer_state.deepspeed_step(self.optimizer),
+                             self.topology)
 
     def load(self, directory: Path) -> None:
         if (directory / NATIVE_DIR).is_dir() and not optimizer_state.has_state(directory):

@@ -247,6 +247,24 @@ def torch_step(optimizer) -> float:
     return 0.0
 
 
+def deepspeed_chunks(optimizer, named_parameters, sharding, step: float | None = None,
+                     holder: int = 0) -> list[StateChunk]:
+    """A DeepSpeed optimizer's state below ZeRO-3 (the engine and the pipeline engine): the flat ZeRO-1/2
+    partitions, or at stage 0 the torch AdamW it wraps."""
+    if compat.is_zero_partitioned(optimizer):
+        return zero_chunks(optimizer, named_parameters, sharding, step, holder)
+    return torch_chunks(_unwrapped(optimizer), named_parameters, sharding, step, holder)
+
+
+def deepspeed_step(optimizer) -> float:
+    """The step count of a DeepSpeed optimizer (kept by the torch AdamW it wraps, at every ZeRO stage)."""
+    return torch_step(_unwrapped(optimizer))
+
+
+def _unwrapped(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def zero_chunks(optimizer, named_parameters, sharding, step: float | None = None, holder: int = 0) -> list[StateChunk]:
     """DeepSpeed ZeRO-1/2 (and its bf16 optimizer): this rank's fragments of the flat fp32 partitions.
     DeepSpeed creates no state before the first step and links its per-parameter views lazily: missing
@@ -271,7 +289,7 @@ def _create_flat_state(optimizer, step: float | None, flats=None) -> None:
     save before any step) for every flat fp32 partition (`flats`, default: those in the inner AdamW's
     parameter groups), where the inner AdamW keeps it."""
     inner = optimizer.optimizer
-    count = step if step is not None else zero_step(optimizer)
+    count = step if step is not None else deepspeed_step(optimizer)
     listed = [(group, flat) for group in inner.param_groups for flat in group["params"]] if flats is None else \
         [(inner.param_groups[0], flat) for flat in flats]  # ZeRO-3: one AdamW setting (fused or not) for all
     for group, flat in listed:
@@ -298,7 +316,3 @@ def zero3_chunks(optimizer, named_parameters, step: float | None = None) -> list
             tensors["fp32_param"] = compat.zero3_state_view(optimizer, param, None)[:numel]
         chunks.append(StateChunk(name, tuple(param.ds_shape), start, start + numel, tensors))
     return chunks
-
-
-def zero_step(optimizer) -> float:
-    return torch_step(optimizer.optimizer)

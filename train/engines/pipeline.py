@@ -377,10 +377,7 @@ class PipelineEngine:
                 if writers.get(name) == self.topology.rank}
 
     def optimizer_chunks(self, step: float | None = None) -> list[optimizer_state.StateChunk]:
-        if compat.is_zero_partitioned(self.optimizer):
-            return optimizer_state.zero_chunks(self.optimizer, self._named, NoSharding(), step, holder=self.stage)
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        return optimizer_state.torch_chunks(inner, self._named, NoSharding(), step, holder=self.stage)
+        return optimizer_state.deepspeed_chunks(self.optimizer, self._named, NoSharding(), step, holder=self.stage)
 
     def close(self) -> None:
         self.engine.destroy()  # as DeepSpeedEngine.close: its optimizer's hooks hold the engine
@@ -389,8 +386,8 @@ class PipelineEngine:
     def save(self, directory: Path) -> None:
         """The name-keyed optimizer state of every engine (fp32 master weights too when DeepSpeed keeps
         them apart from a bf16 model); each rank writes its own ranges."""
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        optimizer_state.save(directory, self.optimizer_chunks(), optimizer_state.torch_step(inner), self.topology)
+        optimizer_state.save(directory, self.optimizer_chunks(), optimizer_state.deepspeed_step(self.optimizer),
+                             self.topology)
 
     def load(self, directory: Path) -> None:
         if not optimizer_state.has_state(directory):
