@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,14 +85,14 @@ def save(directory: Path, chunks: list[StateChunk], step: float, topology) -> No
     for name, tensors in mine.items():
         sharded.write_safetensors(out / name, tensors)
     if topology.is_main:
+        # a range several ranks hold (replicas) is described by each, and written by one: once in the index
+        described_once = {offer.key: (shape, keys) for items in everyone for offer, shape, keys in items}
         params: dict[str, dict] = {}
-        for items in everyone:
-            for offer, shape, keys in items:
-                if writers.get(offer.key) is None:
-                    continue
-                entry = params.setdefault(offer.group, {"shape": list(shape), "keys": keys, "chunks": []})
-                if not any(c[1] == offer.key[1] for c in entry["chunks"]):
-                    entry["chunks"].append([files[offer.key], offer.key[1], offer.key[2]])
+        for key in writers:
+            name, start, stop = key
+            shape, keys = described_once[key]
+            entry = params.setdefault(name, {"shape": list(shape), "keys": keys, "chunks": []})
+            entry["chunks"].append([files[key], start, stop])
         for name, entry in params.items():
             entry["chunks"].sort(key=lambda c: c[1])
             _check_cover(name, entry)
@@ -101,9 +102,7 @@ def save(directory: Path, chunks: list[StateChunk], step: float, topology) -> No
 
 def _check_cover(name: str, entry: dict) -> None:
     """The written ranges of a parameter tile it exactly (else the plan, not the data, is wrong)."""
-    numel, at = 1, 0
-    for n in entry["shape"]:
-        numel *= n
+    numel, at = math.prod(entry["shape"]), 0
     for _, start, stop in entry["chunks"]:
         if start != at:
             raise RuntimeError(f"optimizer state of {name}: saved ranges leave a gap or overlap at element {at}")
@@ -196,9 +195,7 @@ def read_full(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
     saved = SavedState(directory)
     out = {}
     for name, entry in saved.params.items():
-        numel = 1
-        for n in entry["shape"]:
-            numel *= n
+        numel = math.prod(entry["shape"])
         out[name] = {key: saved.read(name, key, 0, numel).reshape(entry["shape"]) for key in entry["keys"]}
     return out
 
