@@ -71,18 +71,23 @@ def _fsync_dir(path: Path) -> None:
 def write_manifest(directory: Path, checksums: bool, topology=None) -> None:
     """MANIFEST.json: every file's size and SHA-256. With a topology (collective), the ranks share the
     hashing by bytes and rank 0 writes the manifest: no rank reads the whole checkpoint."""
+    shared = topology is not None and topology.world_size > 1
+    if shared and not checksums and not topology.is_main:
+        return  # sizes only: rank 0 reads them alone
     paths = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     sizes = {str(p.relative_to(directory)): p.stat().st_size for p in paths}
-    mine = dict(sizes)
-    if topology is not None and topology.world_size > 1:
-        offers = [[sharded.Offer(name, name, 0, size) for name, size in sizes.items()]] * topology.world_size
-        writers = sharded.assign_writers(offers)
-        mine = {name: size for name, size in sizes.items() if writers[name] == topology.rank}
-    hashes = {name: _sha256(directory / name) for name in mine} if checksums else {}
-    if topology is not None and topology.world_size > 1:
-        hashes = {k: v for part in sharded.exchange(hashes, topology) for k, v in part.items()}
-        if not topology.is_main:
-            return
+    hashes = {}
+    if checksums:
+        mine = list(sizes)
+        if shared:
+            offers = [[sharded.Offer(name, name, 0, size) for name, size in sizes.items()]] * topology.world_size
+            writers = sharded.assign_writers(offers)
+            mine = [name for name in sizes if writers[name] == topology.rank]
+        hashes = {name: _sha256(directory / name) for name in mine}
+        if shared:
+            hashes = {k: v for part in sharded.exchange(hashes, topology) for k, v in part.items()}
+            if not topology.is_main:
+                return
     files = {name: {"size": size, **({"sha256": hashes[name]} if checksums else {})} for name, size in sizes.items()}
     data = json.dumps({"files": files}, indent=1).encode()
     with open(directory / MANIFEST, "wb") as f:

@@ -112,3 +112,18 @@ def test_a_finished_zero3_run_leaves_no_model_alive(tmp_path, cache_dir):
                               [*COMMON, "model=doge-tiny", "parallel=zero3", f"trainer.output_dir={tmp_path}"],
                               env={"SMOLPRETRAIN_CACHE": str(cache_dir)})
     assert [r["value"] for r in results] == [[], []]
+
+
+def test_a_checkpoint_without_checksums_lists_sizes_and_resumes(tmp_path, cache_dir):
+    """trainer.verify_checksums=false: rank 0 writes the manifest from the files' sizes alone (no rank
+    hashes), and a resume checks the sizes."""
+    import json
+
+    env = {"SMOLPRETRAIN_CACHE": str(cache_dir)}
+    common = [*COMMON, "model=doge-tiny", "parallel=ddp", "trainer.verify_checksums=false", "trainer.save_every=1",
+              f"trainer.output_dir={tmp_path}"]
+    train_in_ranks([*common, "trainer.max_steps=2"], 2, env=env)
+    files = json.loads((tmp_path / "checkpoints" / "step-2" / "MANIFEST.json").read_text())["files"]
+    assert files and all(set(entry) == {"size"} for entry in files.values()), files
+    train_in_ranks([*common, "trainer.resume=auto"], 2, env=env)
+    assert sorted({r["step"] for r in metrics(tmp_path)}) == [1, 2, 3]
