@@ -188,6 +188,19 @@ class ExpertDispatcher(nn.Module):
         return expert_fn(rows, plan.group_end)
 
 
+def table_gradient(ids: torch.Tensor, token_of, h: torch.Tensor, grad_scores: torch.Tensor,
+                   table: torch.Tensor) -> torch.Tensor:
+    """d table[e] = Σ_{slots m with ids[m] = e} grad_scores[m]·h[token of m], for flat slot lists `ids`
+    and `grad_scores`: one embedding_bag over the slots sorted by expert (bag e: the slots of expert e,
+    empty for an expert no slot picked: a zero row), never an (M, D) tensor. `token_of(order)` maps
+    positions in the slot list to the rows of `h` they read."""
+    order = torch.argsort(ids)
+    counts = torch.zeros(table.shape[0], dtype=torch.long, device=ids.device)
+    counts.scatter_add_(0, ids, torch.ones_like(ids))
+    return F.embedding_bag(token_of(order), h.to(table.dtype), torch.cumsum(counts, 0) - counts, mode="sum",
+                           per_sample_weights=grad_scores[order].to(table.dtype))
+
+
 class _GatherDot(torch.autograd.Function):
     """scores[n, s] = <table[ids[n, s]], h[n]>: each token's dot products with its k picked rows.
 
@@ -209,13 +222,8 @@ class _GatherDot(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_h = F.embedding_bag(ids, table, per_sample_weights=grad_scores.to(table.dtype), mode="sum").to(h.dtype)
         if ctx.needs_input_grad[2]:
-            flat = ids.reshape(-1)
-            order = torch.argsort(flat)
-            counts = torch.zeros(table.shape[0], dtype=torch.long, device=flat.device)
-            counts.scatter_add_(0, flat, torch.ones_like(flat))
-            starts = torch.cumsum(counts, 0) - counts  # bag e = the sorted slots of expert e (empty: a zero row)
-            grad_table = F.embedding_bag(order // ids.shape[-1], h.to(table.dtype), starts, mode="sum",
-                                         per_sample_weights=grad_scores.reshape(-1)[order].to(table.dtype))
+            k = ids.shape[-1]  # slot m of the flattened (N, k) picks is token m // k's
+            grad_table = table_gradient(ids.reshape(-1), lambda order: order // k, h, grad_scores.reshape(-1), table)
         return grad_h, None, grad_table
 
 

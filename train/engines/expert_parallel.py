@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.moe import ExpertDispatch, ExpertDispatcher, Experts, RankOneExperts
+from models.moe import ExpertDispatch, ExpertDispatcher, Experts, RankOneExperts, table_gradient
 
 from ..distributed import Topology
 from . import compat
@@ -150,11 +150,7 @@ class _SlotDot(torch.autograd.Function):
             grad_h = F.embedding_bag(ids, table, token_starts, mode="sum",
                                      per_sample_weights=grad_scores.to(table.dtype)).to(h.dtype)
         if ctx.needs_input_grad[3]:
-            order = torch.argsort(ids)
-            counts = torch.zeros(table.shape[0], dtype=torch.long, device=ids.device)
-            counts.scatter_add_(0, ids, torch.ones_like(ids))
-            grad_table = F.embedding_bag(token[order], h.to(table.dtype), torch.cumsum(counts, 0) - counts, mode="sum",
-                                         per_sample_weights=grad_scores[order].to(table.dtype))
+            grad_table = table_gradient(ids, lambda order: token[order], h, grad_scores, table)
         return grad_h, None, None, grad_table, None
 
 
