@@ -181,6 +181,16 @@ class Layout:
     memory_given: bool = True
 
     @property
+    def on_deepspeed(self) -> bool:
+        """DeepSpeed runs it: parallel.engine=deepspeed, or a pipeline (DeepSpeed's pipeline engine)."""
+        return self.run.parallel.engine == "deepspeed" or self.pp > 1
+
+    @property
+    def weight_bytes(self) -> int:
+        # DeepSpeed's bf16 mode casts the model; the torch engine keeps fp32 weights under autocast
+        return 2 if self.on_deepspeed and self.precision == "bf16" else 4
+
+    @property
     def engine_name(self) -> str:
         p = self.run.parallel
         if self.pp > 1:
@@ -532,18 +542,24 @@ def zero_settings(layout: Layout):
     return DeepSpeedZeroConfig(**ds["zero_optimization"])
 
 
+def held_params(layout: Layout, census_: Census, stage_params: int) -> tuple[int, int]:
+    """(parameters a rank holds, of which expert slices): a pipeline rank its stage's (`stage_params`);
+    otherwise the dense ones and its 1/ep of the experts."""
+    experts = census_.experts // layout.ep if layout.pp == 1 else 0
+    total = stage_params if layout.pp > 1 else census_.total - census_.experts + experts
+    return total, experts
+
+
 def rank_memory(layout: Layout, census_: Census, stage: Stage, acts: Activations, rows: int,
                 checkpointing: bool, zero=None) -> list[Term]:
     """The terms of one rank holding `stage`, for micro-batches of `rows` rows. Derived from what each
     engine allocates (train/engines/*, DeepSpeed 0.19.8's stage_1_and_2.py / stage3.py /
     bf16_optimizer.py), named below; on CPU checked against measured runs (tests/train/test_plan.py)."""
     p = layout.run.parallel
-    deepspeed = p.engine == "deepspeed" or layout.pp > 1
+    deepspeed, w = layout.on_deepspeed, layout.weight_bytes
     bf16 = layout.precision == "bf16"
-    w = 2 if deepspeed and bf16 else 4  # DeepSpeed's bf16 mode casts the model; the torch engine keeps fp32
     act_bytes = 2 if bf16 else 4
-    experts = census_.experts // layout.ep if layout.pp == 1 else 0
-    total = stage.params if layout.pp > 1 else census_.total - census_.experts + experts
+    total, experts = held_params(layout, census_, stage.params)
     dense = total - experts
     n, n_experts = layout.dp, layout.devices // layout.ep  # ZeRO partitions: replicas; expert slices: their holders
     part = dense / n + experts / n_experts if deepspeed and p.zero_stage >= 1 else total
@@ -746,13 +762,11 @@ def collectives(layout: Layout, census_: Census, stages: list[Stage], acts: Acti
     t, m = run.trainer, layout.accumulation
     n = layout.dp
     bf16 = layout.precision == "bf16"
-    deepspeed = p.engine == "deepspeed" or layout.pp > 1
-    w = 2 if deepspeed and bf16 else 4
+    deepspeed, w = layout.on_deepspeed, layout.weight_bytes
     act = 2 if bf16 else 4
     ring = (n - 1) / n if n > 1 else 0.0
     out = []
-    experts = census_.experts // layout.ep if layout.pp == 1 else 0
-    held = max(s.params for s in stages) if layout.pp > 1 else census_.total - census_.experts + experts
+    held, experts = held_params(layout, census_, max(s.params for s in stages))
     dense = held - experts
     if not deepspeed:
         if n > 1:
@@ -824,7 +838,7 @@ def make_plan(overrides: list[str], request: Request) -> Plan:
     census_ = census(layout.model_config)
     stages = pipeline_stages(census_, layout)
     run = layout.run
-    deepspeed = run.parallel.engine == "deepspeed" or layout.pp > 1
+    deepspeed = layout.on_deepspeed
     mode = "fp32" if layout.precision != "bf16" else ("bf16" if deepspeed else "autocast")
     try:
         acts = activations(layout.model_config, run.data.seq_len, mode, layout.device, run.data.document_masking)
