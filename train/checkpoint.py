@@ -60,14 +60,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(directory: Path, checksums: bool, topology=None) -> None:
     """MANIFEST.json: every file's size and SHA-256. With a topology (collective), the ranks share the
     hashing by bytes and rank 0 writes the manifest: no rank reads the whole checkpoint."""
@@ -285,7 +277,7 @@ def save(output_dir: Path, step: int, engine, model_config, tokenizer, loader, t
             os.replace(final, trash)
             shutil.rmtree(trash)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        sharded.fsync(root)
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, root / "latest")

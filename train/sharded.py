@@ -103,6 +103,11 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
+    fsync(path)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries (after a rename into it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -80,6 +80,13 @@ def _partition_onto(model: nn.Module, device: torch.device, ds_config: dict) -> 
             setattr(module, name, buffer.to(device))  # a registered buffer stays one (persistence kept)
 
 
+class _Zero3Shapes(NoSharding):
+    """ZeRO-3's parameters are this rank's partitions; their full shape is the one DeepSpeed records."""
+
+    def full_shape(self, name: str, param: torch.Tensor) -> tuple[int, ...]:
+        return tuple(getattr(param, "ds_shape", param.shape))
+
+
 class DeepSpeedEngine(MicroBatchEngine):
     """With expert parallelism (`sharding`, ZeRO 0-2) the expert slices are DeepSpeed MoE parameters:
     reduced over the ranks holding the same slice, in MoE parameter groups of their own (DeepSpeed's
@@ -142,13 +149,7 @@ class DeepSpeedEngine(MicroBatchEngine):
     def weight_holdings(self) -> list[WeightHolding]:
         if self.stage != 3:
             return module_holdings(self.module, self.sharding)
-        tied = set(self.module.tied_weight_keys())
-        out = []
-        for name, tensor in self._zero3_tensors():
-            if name not in tied:
-                shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
-                out.append(WeightHolding(name, 0, math.prod(shape) * tensor.element_size(), str(tensor.dtype)))
-        return out
+        return module_holdings(self.module, _Zero3Shapes(), tensors=self._zero3_tensors())
 
     def gather_weights(self, writers: dict[str, int]) -> dict[str, torch.Tensor]:
         if self.stage != 3:

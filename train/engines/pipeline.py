@@ -38,7 +38,7 @@ from models.loss import count_targets
 
 from ..distributed import LayoutError, Topology
 from ..optim import build_optimizer
-from ..sharded import owned_cpu_tensor
+from ..sharded import exchange, owned_cpu_tensor
 from . import compat, optimizer_state
 from .base import (StepResult, StepTotals, WeightHolding, global_targets, model_inputs, set_learning_rates,
                    zero_gradients_and_lr)
@@ -276,9 +276,7 @@ class PipelineEngine:
     def _log_stages(self) -> None:
         mine = (self.stage, [type(i).__name__ + (f"({i.piece.layer_index})" if isinstance(i, LayerPipe) else "")
                              for i in self.items], sum(p.numel() for _, p in self._named))
-        stages = [None] * self.topology.world_size
-        dist.all_gather_object(stages, mine)
-        for stage, items, count in sorted({s[0]: s for s in stages}.values()):
+        for stage, items, count in sorted({s[0]: s for s in exchange(mine, self.topology)}.values()):
             logger.info("pipeline stage %d: %s, %d parameters", stage, " ".join(items), count)
 
     def _time_compute(self) -> None:

@@ -82,11 +82,12 @@ class TorchEngine(MicroBatchEngine):
         optimizer_state.load(directory, self.optimizer_chunks, self.topology)
 
 
-def module_holdings(module: nn.Module, sharding, holder: int = 0) -> list[WeightHolding]:
-    """A whole model's tensors (expert tables at their full size), tied copies left out."""
+def module_holdings(module: nn.Module, sharding, holder: int = 0, tensors=None) -> list[WeightHolding]:
+    """A whole model's tensors (expert tables at their full size), tied copies left out. `tensors`: the
+    (name, tensor) pairs to list instead of the state dict's (ZeRO-3's partitioned parameters)."""
     tied = set(module.tied_weight_keys())
     out = []
-    for name, tensor in module.state_dict().items():
+    for name, tensor in module.state_dict().items() if tensors is None else tensors:
         if name in tied or not sharding.exports(name):
             continue
         numel = math.prod(sharding.full_shape(name, tensor))
