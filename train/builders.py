@@ -232,12 +232,6 @@ class RunData:
     evaluation: list
 
 
-def build_data(run: RunConfig, topology: Topology, resume_from: Path | None) -> RunData:
-    """The data of the run, checked against the vocabulary of the model that will train (read before
-    anything is built, so a BPE that cannot fit is refused before it is trained)."""
-    return RunData(*_build_data_parts(run, topology, _planned_vocab_size(run, resume_from)))
-
-
 def _planned_vocab_size(run: RunConfig, resume_from: Path | None) -> tuple[int, str] | None:
     """The vocab_size of the model that will train, read before anything is built, and whose it is: the
     model group's, or that of the checkpoint or init_from directory's config.json (None: not local)."""
@@ -250,11 +244,14 @@ def _planned_vocab_size(run: RunConfig, resume_from: Path | None) -> tuple[int, 
         return None  # a hub id, or no readable config: loading the model says what is wrong
 
 
-def _build_data_parts(run: RunConfig, topology: Topology, vocab: tuple[int, str] | None):
-    """The data config, held-out documents, tokenizer, training loader and evaluation batches. Every
-    problem found here is a refusal (nothing is written yet), and all of them are named at once: when one
-    part fails, every source and the tokenizer are tried on their own (`_data_problems`)."""
+def build_data(run: RunConfig, topology: Topology, resume_from: Path | None) -> RunData:
+    """The data config, held-out documents, tokenizer, training loader and evaluation batches, checked
+    against the vocabulary of the model that will train (read before anything is built, so a BPE that
+    cannot fit is refused before it is trained). Every problem found here is a refusal (nothing is
+    written yet), and all of them are named at once: when one part fails, every source and the tokenizer
+    are tried on their own (`_data_problems`)."""
     t = run.trainer
+    vocab = _planned_vocab_size(run, resume_from)
     dcfg = None
     try:
         dcfg = data_config(run.data, t.micro_batch_size, t.seed)
@@ -273,7 +270,7 @@ def _build_data_parts(run: RunConfig, topology: Topology, vocab: tuple[int, str]
             raise RunConfigError(problems[0]) from None
         raise RunConfigError(f"{len(problems)} problems with the data: "
                              + " ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))) from None
-    return dcfg, heldout, tokenizer, loader, evaluation
+    return RunData(dcfg, heldout, tokenizer, loader, evaluation)
 
 
 def _data_problems(dcfg) -> list[str]:
