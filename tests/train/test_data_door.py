@@ -1,7 +1,7 @@
 """The data side of `python -m train`, used as a user would: loader workers whatever
 TOKENIZERS_PARALLELISM says, the smollm preset on local copies, weight-0 sources that are never
-opened, `data=files` defaults and files with different columns, and exact per-source token counts
-after a change of world size."""
+opened, `data=files` defaults and files with different columns; and, on in-process ranks, exact
+per-source token counts after a change of world size."""
 
 from __future__ import annotations
 
@@ -213,21 +213,22 @@ def test_files_lacking_the_text_column_are_named(tmp_path, env):
     assert "Traceback" not in proc.stderr
 
 
-def test_token_counts_stay_exact_when_the_world_grows_and_shrinks(tmp_path, env):
+def test_token_counts_stay_exact_when_the_world_grows_and_shrinks(tmp_path, cache_dir):
     """4 steps on one rank, 2 more on two ranks, then 2 more on one again, each time with a fresh data
     order: the tokens per source, summed over ranks, are those of all steps (rank 1 has no saved state
-    when the world grows and must not count rank 0's; when it shrinks, rank 1's count is not lost)."""
+    when the world grows and must not count rank 0's; when it shrinks, rank 1's count is not lost). On
+    in-process ranks (tests/ranks.py); rank 0's log holds the end-of-run line."""
+    from tests.ranks import train_in_ranks
+
     out = tmp_path / "run"
-    run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=4"], env)
-    proc = run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=6", "trainer.resume=auto",
-                      "data.allow_new_order=true"], env, nproc=2)
+    env = {"SMOLPRETRAIN_CACHE": str(cache_dir)}
+    common = [f"trainer.output_dir={out}", *FAST, "trainer.resume=auto", "data.allow_new_order=true"]
+    train_in_ranks([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=4"], 1, env=env)
     tokens_per_step = 8 * 64  # global batch x seq_len
-    assert _tokens_per_source(proc.stderr) == {"python-stdlib": 6 * tokens_per_step}
-    assert metrics(out)[-1]["tokens"] == 6 * tokens_per_step  # what metrics.jsonl says
-    proc = run_train([f"trainer.output_dir={out}", *FAST, "trainer.max_steps=8", "trainer.resume=auto",
-                      "data.allow_new_order=true"], env)
-    assert _tokens_per_source(proc.stderr) == {"python-stdlib": 8 * tokens_per_step}
-    assert metrics(out)[-1]["tokens"] == 8 * tokens_per_step
+    for world, steps in ((2, 6), (1, 8)):
+        log = train_in_ranks([*common, f"trainer.max_steps={steps}"], world, env=env)[0]["log"]
+        assert _tokens_per_source(log) == {"python-stdlib": steps * tokens_per_step}
+        assert metrics(out)[-1]["tokens"] == steps * tokens_per_step  # what metrics.jsonl says
     assert metrics(out)[-1]["data/python-stdlib/tokens"] == 8 * tokens_per_step
 
 
