@@ -15,6 +15,14 @@ os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["WANDB_MODE"] = "disabled"
 
+# One inductor cache for the session, shared by both pytest workers and every run they start (the trainer
+# keeps a TORCHINDUCTOR_CACHE_DIR it is given): a layer graph compiled by one test is a cache hit for the
+# next one with the same graph, instead of minutes of C++ compilation per test on a cold cache. Tests that
+# check compilation count dynamo's graphs, which dynamo traces whether or not inductor's cache hits.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of one pytest run
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = (os.path.join(tempfile.gettempdir(), f"smolpretrain-tests-inductor-{_RUN_ID}")
+                                         if _RUN_ID else tempfile.mkdtemp(prefix="smolpretrain-tests-inductor-"))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
