@@ -68,24 +68,25 @@ def write_manifest(directory: Path, checksums: bool, topology=None) -> None:
         return  # sizes only: rank 0 reads them alone
     paths = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     sizes = {str(p.relative_to(directory)): p.stat().st_size for p in paths}
-    hashes = {}
-    if checksums:
-        mine = list(sizes)
-        if shared:
-            offers = [[sharded.Offer(name, name, 0, size) for name, size in sizes.items()]] * topology.world_size
-            writers = sharded.assign_writers(offers)
-            mine = [name for name in sizes if writers[name] == topology.rank]
-        hashes = {name: _sha256(directory / name) for name in mine}
-        if shared:
-            hashes = {k: v for part in sharded.exchange(hashes, topology) for k, v in part.items()}
-            if not topology.is_main:
-                return
+    hashes = _hashes(directory, sizes, topology if shared else None) if checksums else {}
+    if shared and not topology.is_main:
+        return
     files = {name: {"size": size, **({"sha256": hashes[name]} if checksums else {})} for name, size in sizes.items()}
     data = json.dumps({"files": files}, indent=1).encode()
     with open(directory / MANIFEST, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _hashes(directory: Path, sizes: dict[str, int], topology=None) -> dict[str, str]:
+    """Every file's SHA-256; with a topology (collective), each rank hashes its share of the bytes."""
+    if topology is None:
+        return {name: _sha256(directory / name) for name in sizes}
+    writers = sharded.assign_writers([[sharded.Offer(name, name, 0, size) for name, size in sizes.items()]]
+                                     * topology.world_size)
+    mine = {name: _sha256(directory / name) for name in sizes if writers[name] == topology.rank}
+    return {name: digest for part in sharded.exchange(mine, topology) for name, digest in part.items()}
 
 
 def verify(directory: Path, checksums: bool = True) -> None:

@@ -34,6 +34,11 @@ def train_env(cache_dir) -> dict:
     return e
 
 
+def ranks_env(cache_dir) -> dict:
+    """What in-process ranks (tests/ranks.py) add to their environment: the session's tokenizer cache."""
+    return {"SMOLPRETRAIN_CACHE": str(cache_dir)}
+
+
 @pytest.fixture()
 def env(cache_dir):
     return train_env(cache_dir)

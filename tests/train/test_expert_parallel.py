@@ -16,17 +16,13 @@ import models
 from tests.ranks import train_in_ranks
 from train.config import RunConfigError, validate
 
-from .conftest import FAST, compose, losses, metrics, one_process_reference, run_train, train_env
+from .conftest import FAST, compose, losses, metrics, one_process_reference, ranks_env, run_train, train_env
 
 STEPS = 10
 COMMON = [*FAST, f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", "scheduler.warmup=2",
           "trainer.save_every=5", "trainer.keep_last=5"]
 EP = ["parallel.expert_parallel=2"]
 TOLERANCE = 2e-5
-
-
-def _env(cache_dir) -> dict:
-    return {"SMOLPRETRAIN_CACHE": str(cache_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +70,7 @@ def zero2_jetmoe_run(cache_dir, tmp_path_factory):
     """jetmoe-tiny at ep=2 under ZeRO-2 on in-process ranks (reused by the resume test)."""
     out = tmp_path_factory.mktemp("ep-zero2") / "jetmoe-tiny"
     train_in_ranks([*COMMON, *EP, "parallel=zero2", "model=jetmoe-tiny", f"trainer.output_dir={out}"], 2,
-                   env=_env(cache_dir))
+                   env=ranks_env(cache_dir))
     return out
 
 
@@ -87,7 +83,7 @@ def test_zero2_expert_parallel_equals_one_process(references, zero2_jetmoe_run):
 @pytest.mark.parametrize("parallel,preset", [("zero2", "doge-tiny-moe"), ("zero1", "jetmoe-tiny")])
 def test_zero_expert_parallel_equals_one_process(parallel, preset, references, tmp_path, cache_dir):
     train_in_ranks([*COMMON, *EP, f"parallel={parallel}", f"model={preset}", f"trainer.output_dir={tmp_path}"], 2,
-                   env=_env(cache_dir))
+                   env=ranks_env(cache_dir))
     _check_against_reference(tmp_path, references[preset])
 
 
@@ -97,7 +93,7 @@ def test_zero2_expert_parallel_checkpoint_resumes_without_expert_parallelism(zer
     name-keyed optimizer state carries a run across, through DeepSpeed's fragment API both ways."""
     out = tmp_path / "resumed"
     train_in_ranks([*COMMON, "parallel=zero2", "model=jetmoe-tiny", f"trainer.output_dir={out}", "trainer.max_steps=7",
-                    f"trainer.resume={zero2_jetmoe_run / 'checkpoints' / 'step-5'}"], 2, env=_env(cache_dir))
+                    f"trainer.resume={zero2_jetmoe_run / 'checkpoints' / 'step-5'}"], 2, env=ranks_env(cache_dir))
     reference, resumed = losses(zero2_jetmoe_run), losses(out)
     assert sorted(resumed) == [6, 7]
     for step in (6, 7):
@@ -126,10 +122,10 @@ def test_resume_across_expert_parallel_sizes(direction, ep_runs, tmp_path, cache
     else:
         source, resumed_layout = tmp_path / "ep1", EP
         train_in_ranks([*COMMON, f"model={preset}", f"trainer.output_dir={source}", "trainer.max_steps=7"], 2,
-                       env=_env(cache_dir))
+                       env=ranks_env(cache_dir))
     out = tmp_path / "resumed"
     train_in_ranks([*COMMON, *resumed_layout, f"model={preset}", f"trainer.output_dir={out}", "trainer.max_steps=7",
-                    f"trainer.resume={source / 'checkpoints' / 'step-5'}"], 2, env=_env(cache_dir))
+                    f"trainer.resume={source / 'checkpoints' / 'step-5'}"], 2, env=ranks_env(cache_dir))
     reference, resumed = losses(source), losses(out)
     assert sorted(resumed) == [6, 7]
     for step in (6, 7):

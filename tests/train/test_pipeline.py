@@ -16,8 +16,8 @@ import torch
 from tests.ranks import train_in_ranks
 from train.config import RunConfigError, validate
 
-from .conftest import (FAST, REPO, compose, losses, metrics, one_pick_aux_bound, one_process_reference, run_train,
-                       train_env)
+from .conftest import (FAST, REPO, compose, losses, metrics, one_pick_aux_bound, one_process_reference, ranks_env,
+                       run_train, train_env)
 
 STEPS = 10
 # 4 micro-batches of 2 rows per step, document masking on, held-out evaluation twice
@@ -25,10 +25,6 @@ COMMON = [*FAST, f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", "da
           "trainer.eval_every=5", "trainer.save_every=5", "scheduler.warmup=2"]
 PIPE = ["parallel=zero1", "parallel.pipeline_stages=2"]
 TOLERANCE = 2e-5
-
-
-def _env(cache_dir) -> dict:
-    return {"SMOLPRETRAIN_CACHE": str(cache_dir)}
 
 
 # doge-tiny-moe under COMMON: micro-batches of 2 x 64 tokens, 8 picks each, 4 micro-batches per step
@@ -53,7 +49,7 @@ def moe_runs(tmp_path_factory, cache_dir):
     """doge-tiny-moe (tied embeddings, router statistics across stages) in one process and in 2 stages."""
     env = train_env(cache_dir)
     root = tmp_path_factory.mktemp("pipeline-moe")
-    train_in_ranks([*COMMON, "model=doge-tiny-moe", f"trainer.output_dir={root / 'single'}"], 1, env=_env(cache_dir))
+    train_in_ranks([*COMMON, "model=doge-tiny-moe", f"trainer.output_dir={root / 'single'}"], 1, env=ranks_env(cache_dir))
     proc = run_train([*COMMON, *PIPE, "model=doge-tiny-moe", f"trainer.output_dir={root / 'piped'}"], env, nproc=2)
     (root / "piped.stdout").write_text(proc.stdout)
     (root / "piped.stderr").write_text(proc.stderr)
@@ -122,7 +118,7 @@ def test_every_architecture_in_two_stages_equals_one_process(preset, tmp_path, c
     import os
 
     overrides = [*COMMON, f"model={preset}", "trainer.eval_every=0", "trainer.save_every=0"]
-    train_in_ranks([*overrides, *PIPE, f"trainer.output_dir={tmp_path / 'piped'}"], 2, env=_env(cache_dir))
+    train_in_ranks([*overrides, *PIPE, f"trainer.output_dir={tmp_path / 'piped'}"], 2, env=ranks_env(cache_dir))
     os.environ["SMOLPRETRAIN_CACHE"] = str(cache_dir)
     reference = one_process_reference([*overrides, f"trainer.output_dir={tmp_path / 'single'}"], 1, STEPS)
     records = {r["step"]: r for r in metrics(tmp_path / "piped")}
@@ -146,11 +142,11 @@ def test_resume_across_pipeline_layouts(direction, moe_runs, tmp_path, cache_dir
     if direction == "zero1->2":
         source_dir = tmp_path / "zero1"
         train_in_ranks([*COMMON, "parallel=zero1", "model=doge-tiny-moe", f"trainer.output_dir={source_dir}",
-                        "trainer.max_steps=7"], 1, env=_env(cache_dir))
+                        "trainer.max_steps=7"], 1, env=ranks_env(cache_dir))
     out = tmp_path / "resumed"
     train_in_ranks([*COMMON, *resumed_layout, "model=doge-tiny-moe", f"trainer.output_dir={out}", "trainer.max_steps=7",
                     f"trainer.resume={source_dir / 'checkpoints' / 'step-5'}"], 2 if resumed_layout else 1,
-                   env=_env(cache_dir))
+                   env=ranks_env(cache_dir))
     reference = losses(source_dir)
     resumed = losses(out)
     assert sorted(resumed) == [6, 7]
@@ -180,7 +176,7 @@ def test_non_finite_steps_are_neutralised_then_stop_the_run(tmp_path, cache_dir)
     results = run_distributed(train_with_fault, 2, "nan-after", 12,
                               [*COMMON, *PIPE, "model=doge-tiny", f"trainer.output_dir={out}", "trainer.eval_every=0",
                                "trainer.save_every=2", "trainer.max_bad_steps=2", "trainer.max_steps=20"],
-                              env=_env(cache_dir), check=False)
+                              env=ranks_env(cache_dir), check=False)
     assert not any(r["ok"] for r in results)
     assert "2 non-finite steps in a row (last at step 5)" in results[0]["value"] + results[0]["log"], results[0]
     records = {r["step"]: r for r in metrics(out)}
@@ -212,9 +208,9 @@ def test_sigterm_saves_and_stops_a_pipeline_run(tmp_path, env):
 @pytest.mark.slow
 def test_bf16_with_activation_checkpointing_trains_in_two_stages(tmp_path, cache_dir):
     overrides = [*FAST, "model=doge-tiny", "trainer.max_steps=2", "trainer.micro_batch_size=4"]
-    train_in_ranks([*overrides, f"trainer.output_dir={tmp_path / 'fp32'}"], 1, env=_env(cache_dir))
+    train_in_ranks([*overrides, f"trainer.output_dir={tmp_path / 'fp32'}"], 1, env=ranks_env(cache_dir))
     train_in_ranks([*overrides, *PIPE, "trainer.precision=bf16", "trainer.activation_checkpointing=true",
-                    f"trainer.output_dir={tmp_path / 'bf16'}"], 2, env=_env(cache_dir))
+                    f"trainer.output_dir={tmp_path / 'bf16'}"], 2, env=ranks_env(cache_dir))
     fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
     assert sorted(bf16) == [1, 2] and all(abs(fp32[s] - bf16[s]) < 0.05 for s in (1, 2))
 
