@@ -100,10 +100,15 @@ def stdlib_files() -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _stdlib_files() -> tuple[str, ...]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = sysconfig.get_paths()["stdlib"]
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    files = [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)]
-    return tuple(str(p) for p in sorted(files, key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).digest()))
+    files = []
+    # os.walk, pruned, not Path.rglob then filter: the interpreter's own site-packages sits inside the
+    # standard library's tree, and walking it cost 0.6 s in every process here (the walk alone takes 20 ms).
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories[:] = [d for d in subdirectories if d not in skip]
+        files.extend(os.path.join(directory, n) for n in names if n.endswith(".py"))
+    return tuple(sorted(files, key=lambda p: hashlib.sha256(os.path.relpath(p, root).encode()).digest()))
 
 
 def _read_files(paths: list[str]):
